@@ -1,0 +1,28 @@
+//! Grizzly's shared library: the single source of truth for anything two binaries exchange.
+//!
+//! - [`subject`]: building and parsing NATS subjects (`events.*`, `tasks.*`, `dlq.*`).
+//! - [`envelope`]: the CloudEvents 1.0 event envelope and how raw bodies become events.
+//! - [`task`], [`dlq`]: the listener → worker task and the dead-letter record.
+//! - [`handler`]: handler definitions (YAML) and their validation.
+//! - [`config`]: layered settings (defaults → file → `GRIZZLY_*` env → flags).
+//! - [`nats`]: connecting and the idempotent setup of streams, consumers and buckets.
+//! - [`nats_server`]: spawning a local `nats-server` child (dev mode and tests).
+//! - [`telemetry`]: logging/tracing set-up.
+
+pub mod config;
+pub mod dlq;
+pub mod envelope;
+pub mod handler;
+pub mod headers;
+pub mod ids;
+pub mod nats;
+pub mod nats_server;
+pub mod subject;
+pub mod task;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use envelope::{EventEnvelope, Priority};
+pub use handler::{HandlerKind, HandlerSpec};
+pub use subject::EventSubject;
+pub use task::Task;

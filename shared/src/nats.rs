@@ -1,0 +1,163 @@
+//! Connecting to NATS and the idempotent set-up of Grizzly's streams and buckets.
+//!
+//! | stream | subjects | retention | role |
+//! |---|---|---|---|
+//! | `EVENTS` | `events.>` | limits, discard new | the system of record |
+//! | `TASKS` | `tasks.>` | work queue | routed work, one message per (event, handler) |
+//! | `DLQ` | `dlq.>` | limits, discard new | dead letters |
+//!
+//! KV bucket `grizzly_leases` holds partition leases (which worker consumes which partition).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{Client, ConnectOptions};
+use thiserror::Error;
+
+use crate::config::StreamSettings;
+use crate::subject::{DLQ_ALL, EVENTS_ALL, TASKS_ALL};
+
+pub const EVENTS_STREAM: &str = "EVENTS";
+pub const TASKS_STREAM: &str = "TASKS";
+pub const DLQ_STREAM: &str = "DLQ";
+pub const LEASES_BUCKET: &str = "grizzly_leases";
+/// Durable consumer the listeners share on `EVENTS`.
+pub const LISTENER_CONSUMER: &str = "grizzly-listener";
+
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot create or update stream {stream}: {source}")]
+    Stream {
+        stream: &'static str,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create key-value bucket {bucket}: {source}")]
+    Bucket {
+        bucket: &'static str,
+        source: jetstream::context::CreateKeyValueError,
+    },
+}
+
+/// A connection plus its JetStream context.
+#[derive(Clone)]
+pub struct Nats {
+    pub client: Client,
+    pub js: jetstream::Context,
+}
+
+/// Connects with a client name. Components retry the first connection (a broker may start after
+/// them in Kubernetes); the CLI fails fast.
+pub async fn connect(url: &str, name: &str, retry_initial: bool) -> Result<Nats, SetupError> {
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)));
+    if retry_initial {
+        options = options.retry_on_initial_connect();
+    }
+    let client = options
+        .connect(url)
+        .await
+        .map_err(|source| SetupError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        // Many publishes in flight at once is how the hot path reaches broker throughput;
+        // waiting (not failing) when the window is full is the back-pressure.
+        .max_ack_inflight(8192)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    Ok(Nats { client, js })
+}
+
+pub fn events_stream_config(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: EVENTS_STREAM.into(),
+        description: Some("Grizzly event log: the system of record".into()),
+        subjects: vec![EVENTS_ALL.into()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: s.events_max_bytes,
+        max_age: s.events_max_age,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+pub fn tasks_stream_config(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: TASKS_STREAM.into(),
+        description: Some("Grizzly routed tasks, one per (event, handler)".into()),
+        subjects: vec![TASKS_ALL.into()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: s.tasks_max_bytes,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+pub fn dlq_stream_config(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.into(),
+        description: Some("Grizzly dead letters".into()),
+        subjects: vec![DLQ_ALL.into()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: s.dlq_max_bytes,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every stream. Safe to run from every component at every start.
+pub async fn ensure_streams(js: &jetstream::Context, s: &StreamSettings) -> Result<(), SetupError> {
+    for (name, config) in [
+        (EVENTS_STREAM, events_stream_config(s)),
+        (TASKS_STREAM, tasks_stream_config(s)),
+        (DLQ_STREAM, dlq_stream_config(s)),
+    ] {
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| SetupError::Stream {
+                stream: name,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The partition-lease bucket: an entry not renewed within `ttl` expires, freeing the partition.
+pub async fn ensure_lease_bucket(
+    js: &jetstream::Context,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: LEASES_BUCKET.into(),
+        description: "Grizzly partition leases".into(),
+        history: 1,
+        max_age: ttl,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| SetupError::Bucket {
+        bucket: LEASES_BUCKET,
+        source,
+    })
+}

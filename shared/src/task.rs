@@ -1,0 +1,58 @@
+//! The task: what the listener hands to workers on `tasks.<handler>.<partition>` (stream
+//! `TASKS`, work-queue retention). It carries the whole event so a worker needs no extra read.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{EventEnvelope, Priority};
+use crate::ids::stable_hash;
+use crate::subject::task_subject;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub handler: String,
+    pub handler_version: u32,
+    /// Sequence of the event in `EVENTS`.
+    pub event_seq: u64,
+    pub partition: u16,
+    pub priority: Priority,
+    pub event: EventEnvelope,
+    /// Set when an operator re-drove the task from the DLQ (makes its id distinct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<u64>,
+}
+
+impl Task {
+    pub fn new(handler: &str, handler_version: u32, event_seq: u64, partitions: u16, priority: Priority, event: EventEnvelope) -> Self {
+        Self {
+            handler: handler.to_string(),
+            handler_version,
+            event_seq,
+            partition: partition_for(&event.aggregate_key(), partitions),
+            priority,
+            event,
+            redrive: None,
+        }
+    }
+
+    pub fn subject(&self) -> String {
+        task_subject(&self.handler, self.partition)
+    }
+
+    /// `Nats-Msg-Id` of the task: routing the same event twice writes one task.
+    pub fn msg_id(&self) -> String {
+        match self.redrive {
+            None => format!("task:{}:{}", self.event.id, self.handler),
+            Some(dlq_seq) => format!("task:{}:{}:redrive:{dlq_seq}", self.event.id, self.handler),
+        }
+    }
+
+    pub fn to_json_bytes(&self) -> bytes::Bytes {
+        serde_json::to_vec(self).expect("a task always serializes").into()
+    }
+}
+
+/// The partition of an aggregate: all events of one aggregate land in one partition, so one
+/// worker at a time sees them, in log order.
+pub fn partition_for(aggregate_key: &str, partitions: u16) -> u16 {
+    (stable_hash(aggregate_key) % u64::from(partitions.max(1))) as u16
+}
