@@ -1,1 +1,292 @@
+//! The listener: consumes the event log (`EVENTS`), turns each message into an event, matches
+//! it against the handlers' `on` patterns and writes one task per matching handler to `TASKS`.
+//! Messages that cannot become events go to `dlq._ingest` with the reason.
+//!
+//! An event is acked on the log only after all its tasks (or its dead letter) are confirmed by
+//! the broker, so a crash at any point re-routes it; task ids are derived from the event, so
+//! re-routing writes nothing twice. Publishes are pipelined (many in flight, issued in log order)
+//! so the broker's write latency is paid once per window, not once per event.
+//!
+//! Replicas share one durable consumer with a pinned-client priority group: exactly one replica
+//! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{self, AckPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use grizzly_shared::dlq::{DeadLetter, headers_to_map};
+use grizzly_shared::envelope::{EventEnvelope, IngestError, StoredMessage, now_rfc3339};
+use grizzly_shared::handler::LoadedHandler;
+use grizzly_shared::nats::{self, EVENTS_STREAM, LISTENER_CONSUMER, Nats};
+use grizzly_shared::subject::DLQ_INGEST;
+use grizzly_shared::{Settings, Task};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Priority group of the listeners' shared consumer.
+const LISTENER_GROUP: &str = "listeners";
+/// How long a standby listener waits before taking over from a silent one.
+const PIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
+const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
+/// Outcome event types; a handler never receives the outcomes of its own runs.
+const OUTCOME_TYPES: [&str; 2] = ["handler_succeeded", "handler_failed"];
+
+/// One routing rule: a handler version and the subjects it consumes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub handler: String,
+    pub version: u32,
+    pub patterns: Vec<String>,
+    pub priority: grizzly_shared::Priority,
+}
+
+/// The routing table: for each event, the handlers that must run.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table; when several versions of a handler are loaded, the newest takes new events.
+    pub fn from_handlers(handlers: &[LoadedHandler]) -> Self {
+        let mut newest: std::collections::BTreeMap<&str, &LoadedHandler> = Default::default();
+        for h in handlers {
+            let entry = newest.entry(&h.spec.name).or_insert(h);
+            if h.spec.version > entry.spec.version {
+                *entry = h;
+            }
+        }
+        Self {
+            routes: newest
+                .values()
+                .map(|h| Route {
+                    handler: h.spec.name.clone(),
+                    version: h.spec.version,
+                    patterns: h.spec.on.clone(),
+                    priority: h.spec.priority,
+                })
+                .collect(),
+        }
+    }
+
+    /// The routes an event goes to.
+    pub fn matching<'a>(&'a self, subject: &'a str, event: &'a EventEnvelope) -> impl Iterator<Item = &'a Route> {
+        let outcome_of = if OUTCOME_TYPES.contains(&event.event_type.as_str()) {
+            event.data.get("handler").and_then(|h| h.as_str())
+        } else {
+            None
+        };
+        self.routes.iter().filter(move |r| {
+            outcome_of != Some(r.handler.as_str())
+                && r.patterns
+                    .iter()
+                    .any(|p| grizzly_shared::subject::pattern_matches(p, subject))
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+pub struct Listener {
+    nats: Nats,
+    settings: Settings,
+    routes: Arc<RouteTable>,
+}
+
+impl Listener {
+    pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> Self {
+        Self {
+            nats,
+            settings,
+            routes: Arc::new(RouteTable::from_handlers(handlers)),
+        }
+    }
+
+    async fn consumer(&self) -> anyhow::Result<consumer::Consumer<pull::Config>> {
+        let stream = self
+            .nats
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .context("EVENTS stream")?;
+        let config = pull::Config {
+            durable_name: Some(LISTENER_CONSUMER.into()),
+            description: Some("Grizzly listeners: routes events to handlers".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.settings.listener.ack_wait,
+            max_ack_pending: self.settings.listener.max_ack_pending,
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec![LISTENER_GROUP.into()],
+            priority_timeout: PIN_TIMEOUT,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(LISTENER_CONSUMER, config)
+            .await
+            .context("listener consumer on EVENTS")
+    }
+
+    /// Routes events until `shutdown`; in-flight events are confirmed before returning.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
+        let consumer = self.consumer().await?;
+        info!(routes = self.routes.len(), "listener routing");
+        let mut in_flight = FuturesUnordered::new();
+        // Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
+        // never waits on a confirmation that only this loop could collect.
+        let mut outstanding = 0usize;
+        'outer: while !shutdown.is_cancelled() {
+            let mut messages = match consumer
+                .stream()
+                .group(LISTENER_GROUP)
+                .max_messages_per_batch(512)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "cannot pull from EVENTS; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'outer,
+                    Some(done) = in_flight.next(), if !in_flight.is_empty() => outstanding -= done,
+                    next = messages.next(), if outstanding < MAX_OUTSTANDING_PUBLISHES => match next {
+                        Some(Ok(msg)) => {
+                            let (count, confirm) = self.route(msg).await;
+                            outstanding += count;
+                            in_flight.push(confirm);
+                        }
+                        Some(Err(e)) => {
+                            // e.g. a missed idle heartbeat under load: transient, pull again.
+                            warn!(error = %e, "EVENTS pull interrupted; resuming");
+                            continue 'outer;
+                        }
+                        None => continue 'outer,
+                    },
+                }
+            }
+        }
+        while in_flight.next().await.is_some() {}
+        info!("listener stopped");
+        Ok(())
+    }
+
+    /// Routes one message: issues its publishes now (so tasks are written in log order) and
+    /// returns their count and a future that confirms them and then acks the event.
+    async fn route(&self, msg: jetstream::Message) -> (usize, BoxFuture<'static, usize>) {
+        let publishes = match self.publishes_for(&msg) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, subject = %msg.subject, "cannot route; will redeliver");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return (0, Box::pin(async { 0 }));
+            }
+        };
+        let mut issued = Vec::with_capacity(publishes.len());
+        for (subject, publish) in publishes {
+            let ack = self.nats.js.send_publish(subject.clone(), publish.clone()).await.ok();
+            issued.push((subject, publish, ack));
+        }
+        let count = issued.len();
+        let js = self.nats.js.clone();
+        let confirm = async move {
+            for (subject, publish, ack) in issued {
+                nats::publish_confirmed(&js, &subject, publish, ack).await;
+            }
+            if let Err(e) = msg.ack().await {
+                warn!(error = %e, "ack of routed event failed; it will be re-routed (idempotent)");
+            }
+            count
+        };
+        (count, Box::pin(confirm))
+    }
+
+    /// What must be written for one message: its tasks, or its dead letter.
+    fn publishes_for(&self, msg: &jetstream::Message) -> anyhow::Result<Vec<(String, PublishMessage)>> {
+        let info = msg.info().map_err(|e| anyhow::anyhow!("message info: {e}"))?;
+        let stored = StoredMessage {
+            subject: msg.subject.as_str(),
+            headers: msg.headers.as_ref(),
+            payload: &msg.payload,
+            stream_sequence: info.stream_sequence,
+            published: info.published,
+        };
+        let mut out = Vec::new();
+        match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
+            Ok(event) => {
+                for route in self.routes.matching(msg.subject.as_str(), &event) {
+                    // An event's own priority beats the handler's default.
+                    let priority = if event.priority != grizzly_shared::Priority::Normal {
+                        event.priority
+                    } else {
+                        route.priority
+                    };
+                    let task = Task::new(
+                        &route.handler,
+                        route.version,
+                        info.stream_sequence,
+                        self.settings.partitions,
+                        priority,
+                        event.clone(),
+                    );
+                    debug!(handler = %task.handler, event = %event.id, "routing");
+                    let publish = PublishMessage::build()
+                        .payload(task.to_json_bytes())
+                        .message_id(task.msg_id());
+                    out.push((task.subject(), publish));
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, seq = info.stream_sequence, "dead-lettering unparseable event");
+                let dead = ingest_dead_letter(&err, &stored);
+                let publish = PublishMessage::build()
+                    .payload(dead.to_json_bytes())
+                    .message_id(format!("ingest:{}", info.stream_sequence));
+                out.push((DLQ_INGEST.to_string(), publish));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ingest_dead_letter(err: &IngestError, msg: &StoredMessage<'_>) -> DeadLetter {
+    let mut dead = DeadLetter {
+        handler: None,
+        handler_version: None,
+        kind: err.kind().to_string(),
+        error: err.to_string(),
+        attempts: 1,
+        history: Vec::new(),
+        original_subject: msg.subject.to_string(),
+        original_headers: headers_to_map(msg.headers),
+        original_payload: None,
+        original_payload_base64: None,
+        event_seq: Some(msg.stream_sequence),
+        event: None,
+        dead_lettered_at: now_rfc3339(),
+    };
+    dead.set_original_payload(msg.payload);
+    dead
+}

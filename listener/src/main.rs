@@ -1,1 +1,24 @@
-fn main() {}
+//! `grizzly-listener`: routes events from the log to handlers' task partitions.
+
+use anyhow::Context as _;
+use clap::Parser;
+use grizzly_shared::config::ComponentArgs;
+use grizzly_shared::{handler, nats, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(name = "grizzly-listener", version, about = "Grizzly listener: routes events to handlers")]
+struct Cli {
+    #[command(flatten)]
+    args: ComponentArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Cli::parse().args.load()?;
+    telemetry::init(&settings.log_format);
+    let handlers = handler::load_handlers(&settings.handlers_dir)
+        .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
+    let nats = nats::connect(&settings.nats_url, "grizzly-listener", true).await?;
+    let listener = grizzly_listener::Listener::new(nats, settings, &handlers);
+    listener.run(shutdown::on_signal()).await
+}

@@ -230,3 +230,36 @@ mod tests {
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 }
+
+/// Flags every component binary takes; they override file and environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ComponentArgs {
+    /// Config file (TOML or YAML); also `GRIZZLY_CONFIG`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Broker URL; also `GRIZZLY_NATS_URL` (default nats://127.0.0.1:4222).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Handler definitions directory (default ./handlers).
+    #[arg(long, value_name = "DIR")]
+    pub handlers: Option<PathBuf>,
+    /// Workflow definitions directory (default ./workflows).
+    #[arg(long, value_name = "DIR")]
+    pub workflows: Option<PathBuf>,
+}
+
+impl ComponentArgs {
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        let mut overrides = Vec::new();
+        if let Some(url) = &self.nats_url {
+            overrides.push(("nats_url", url.clone()));
+        }
+        if let Some(dir) = &self.handlers {
+            overrides.push(("handlers_dir", dir.display().to_string()));
+        }
+        if let Some(dir) = &self.workflows {
+            overrides.push(("workflows_dir", dir.display().to_string()));
+        }
+        Settings::load(self.config.as_deref(), &overrides)
+    }
+}

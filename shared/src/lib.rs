@@ -17,6 +17,7 @@ pub mod headers;
 pub mod ids;
 pub mod nats;
 pub mod nats_server;
+pub mod shutdown;
 pub mod subject;
 pub mod task;
 pub mod telemetry;

@@ -161,3 +161,38 @@ pub async fn ensure_lease_bucket(
         source,
     })
 }
+
+/// Publishes and waits until the broker confirms the write, re-sending with back-off until it
+/// does. Every Grizzly write carries a `Nats-Msg-Id`, so a re-send stores at most one copy.
+/// Callers ack their input only after this returns: a full or unreachable stream delays work,
+/// it never loses it. `first` is an already-issued publish (pipelined callers).
+pub async fn publish_confirmed(
+    js: &jetstream::Context,
+    subject: &str,
+    publish: jetstream::message::PublishMessage,
+    first: Option<jetstream::context::PublishAckFuture>,
+) -> jetstream::publish::PublishAck {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut pending = first;
+    loop {
+        if pending.is_none() {
+            match js.send_publish(subject.to_string(), publish.clone()).await {
+                Ok(future) => pending = Some(future),
+                Err(e) => tracing::warn!(error = %e, subject, "publish failed; retrying"),
+            }
+        }
+        if let Some(future) = pending.take() {
+            match future.await {
+                Ok(ack) => return ack,
+                Err(e) => tracing::warn!(error = %e, subject, "publish not confirmed; retrying"),
+            }
+        }
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+    }
+}

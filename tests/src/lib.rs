@@ -1,1 +1,310 @@
+//! Test kit for cross-component tests: a real `nats-server` on a free port with a temporary
+//! store, components run in-process (or as real child processes for crash tests), and an event
+//! watcher that synchronises on events in the log with a deadline — never on sleeps.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{self};
+use futures::StreamExt;
+use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
+use grizzly_shared::handler::load_handlers;
+use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
+use grizzly_shared::nats_server::NatsServer;
+use grizzly_shared::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One event read back from `EVENTS`.
+#[derive(Debug, Clone)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub subject: String,
+    /// `None` when the body could not become an event (it is dead-lettered).
+    pub event: Option<EventEnvelope>,
+    pub payload: bytes::Bytes,
+}
+
+impl LoggedEvent {
+    pub fn event_type(&self) -> &str {
+        self.subject.rsplit('.').next().unwrap_or("")
+    }
+    pub fn data(&self) -> serde_json::Value {
+        self.event.as_ref().map(|e| e.data.clone()).unwrap_or_default()
+    }
+}
+
+/// A component running in this process; stopped (gracefully) on drop.
+pub struct Component {
+    pub stop: CancellationToken,
+    pub handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Component {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        match self.handle.take() {
+            Some(h) => h.await?,
+            None => Ok(()),
+        }
+    }
+    /// Simulates a crash of an in-process component: its task is aborted mid-flight.
+    pub fn abort(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A real broker plus a scratch directory for handlers and workflows.
+pub struct TestEnv {
+    pub server: NatsServer,
+    pub nats: Nats,
+    pub settings: Settings,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// Starts a fresh nats-server (fails loudly when it is not installed).
+    pub async fn start() -> anyhow::Result<Self> {
+        let server = NatsServer::start_temp()
+            .await
+            .context("a real nats-server is required (run scripts/install-tools.sh)")?;
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("handlers"))?;
+        std::fs::create_dir_all(dir.path().join("workflows"))?;
+        let mut settings = Settings {
+            nats_url: server.url(),
+            handlers_dir: dir.path().join("handlers"),
+            workflows_dir: dir.path().join("workflows"),
+            partitions: 4,
+            ..Settings::default()
+        };
+        // Short timings so failover and redelivery happen within a test's deadline.
+        settings.worker.lease_ttl = Duration::from_secs(2);
+        settings.worker.ack_wait = Duration::from_secs(5);
+        settings.worker.drain_timeout = Duration::from_secs(10);
+        settings.listener.ack_wait = Duration::from_secs(5);
+        settings.worker.claude_bin = tool_path("claude").display().to_string();
+        settings.worker.mcp_bin = Some(bin_path("grizzly-worker").display().to_string());
+        let nats = nats::connect(&settings.nats_url, "grizzly-test", false).await?;
+        nats::ensure_streams(&nats.js, &settings.streams).await?;
+        Ok(Self {
+            server,
+            nats,
+            settings,
+            dir,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `handlers/<name>.yaml`.
+    pub fn write_handler(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.settings.handlers_dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).expect("write handler");
+        path
+    }
+
+    /// Writes a helper script into the scratch dir and returns its path.
+    pub fn write_script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, body).expect("write script");
+        path
+    }
+
+    pub fn handlers(&self) -> Vec<grizzly_shared::handler::LoadedHandler> {
+        load_handlers(&self.settings.handlers_dir).expect("handlers load")
+    }
+
+    pub async fn start_listener(&self) -> anyhow::Result<Component> {
+        let nats = nats::connect(&self.settings.nats_url, "test-listener", false).await?;
+        let listener = grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers());
+        Ok(spawn(|stop| listener.run(stop)))
+    }
+
+    pub async fn start_worker(&self) -> anyhow::Result<Component> {
+        self.start_worker_with(self.settings.clone()).await
+    }
+
+    pub async fn start_worker_with(&self, settings: Settings) -> anyhow::Result<Component> {
+        let nats = nats::connect(&settings.nats_url, "test-worker", false).await?;
+        let worker = grizzly_worker::Worker::new(nats, settings, &self.handlers())?;
+        Ok(spawn(|stop| worker.run(stop)))
+    }
+
+    /// Publishes a body with a plain JetStream publish (no envelope, no headers).
+    pub async fn publish_raw(&self, subject: &str, payload: impl Into<bytes::Bytes>) -> anyhow::Result<u64> {
+        let ack = self.nats.js.publish(subject.to_string(), payload.into()).await?.await?;
+        Ok(ack.sequence)
+    }
+
+    /// A watcher over `EVENTS` from the beginning.
+    pub async fn watch(&self) -> anyhow::Result<EventWatcher> {
+        EventWatcher::new(&self.nats.js, EVENTS_STREAM, "events.>").await
+    }
+
+    /// A watcher over the dead letters.
+    pub async fn watch_dlq(&self) -> anyhow::Result<EventWatcher> {
+        EventWatcher::new(&self.nats.js, nats::DLQ_STREAM, "dlq.>").await
+    }
+}
+
+fn spawn<F, Fut>(f: F) -> Component
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(f(stop.clone()));
+    Component {
+        stop,
+        handle: Some(handle),
+    }
+}
+
+/// Reads a stream in order from the start and keeps everything it has read.
+pub struct EventWatcher {
+    messages: pull::Ordered,
+    pub seen: Vec<LoggedEvent>,
+}
+
+impl EventWatcher {
+    async fn new(js: &jetstream::Context, stream: &str, filter: &str) -> anyhow::Result<Self> {
+        let stream = js.get_stream(stream).await?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        Ok(Self {
+            messages: consumer.messages().await?,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads until `done(&seen)` holds; fails with what was seen when `deadline` passes.
+    pub async fn wait_until(&mut self, deadline: Duration, mut done: impl FnMut(&[LoggedEvent]) -> bool) -> anyhow::Result<&[LoggedEvent]> {
+        let until = tokio::time::Instant::now() + deadline;
+        while !done(&self.seen) {
+            let next = tokio::time::timeout_at(until, self.messages.next()).await;
+            match next {
+                Ok(Some(Ok(msg))) => {
+                    let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let stored = StoredMessage {
+                        subject: msg.subject.as_str(),
+                        headers: msg.headers.as_ref(),
+                        payload: &msg.payload,
+                        stream_sequence: info.stream_sequence,
+                        published: info.published,
+                    };
+                    let event = EventEnvelope::from_stored(&stored, usize::MAX).ok();
+                    self.seen.push(LoggedEvent {
+                        seq: info.stream_sequence,
+                        subject: msg.subject.to_string(),
+                        event,
+                        payload: msg.payload.clone(),
+                    });
+                }
+                Ok(Some(Err(e))) => bail!("reading the stream failed: {e}"),
+                Ok(None) => bail!("stream of messages ended"),
+                Err(_) => bail!(
+                    "deadline of {deadline:?} passed; saw {} messages; last ones: {:#?}",
+                    self.seen.len(),
+                    self.seen.iter().rev().take(5).map(|e| (&e.subject, String::from_utf8_lossy(&e.payload))).collect::<Vec<_>>()
+                ),
+            }
+        }
+        Ok(&self.seen)
+    }
+
+    /// Waits until `n` messages of `event_type` have been seen and returns them.
+    pub async fn wait_for_type(&mut self, event_type: &str, n: usize, deadline: Duration) -> anyhow::Result<Vec<LoggedEvent>> {
+        self.wait_until(deadline, |seen| seen.iter().filter(|e| e.event_type() == event_type).count() >= n)
+            .await?;
+        Ok(self.of_type(event_type))
+    }
+
+    pub fn of_type(&self, event_type: &str) -> Vec<LoggedEvent> {
+        self.seen.iter().filter(|e| e.event_type() == event_type).cloned().collect()
+    }
+}
+
+/// Path of a workspace binary (`cargo build --workspace` must have run; the README's test
+/// command does that).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join(name)
+}
+
+/// Path of a tool from the project's tool directory (or PATH); panics with the fix if missing.
+pub fn tool_path(name: &str) -> PathBuf {
+    grizzly_shared::nats_server::find_in_tools_dir(name)
+        .or_else(|| grizzly_shared::nats_server::find_on_path(name))
+        .unwrap_or_else(|| panic!("`{name}` is required by the tests: run `bash scripts/install-tools.sh`"))
+}
+
+/// A component running as a real child process (for crash tests): SIGKILL on drop.
+pub struct ChildProcess {
+    pub child: Child,
+}
+
+impl ChildProcess {
+    /// Starts a workspace binary with `GRIZZLY_*` settings taken from `settings`.
+    pub fn start(binary: &str, settings: &Settings, extra_env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let path = bin_path(binary);
+        if !path.exists() {
+            bail!("{} is missing: run `cargo build --workspace` before the tests", path.display());
+        }
+        let mut cmd = Command::new(&path);
+        cmd.env("GRIZZLY_NATS_URL", &settings.nats_url)
+            .env("GRIZZLY_HANDLERS_DIR", &settings.handlers_dir)
+            .env("GRIZZLY_WORKFLOWS_DIR", &settings.workflows_dir)
+            .env("GRIZZLY_PARTITIONS", settings.partitions.to_string())
+            .env("GRIZZLY_WORKER__LEASE_TTL", humantime::format_duration(settings.worker.lease_ttl).to_string())
+            .env("GRIZZLY_WORKER__ACK_WAIT", humantime::format_duration(settings.worker.ack_wait).to_string())
+            .env("GRIZZLY_LISTENER__ACK_WAIT", humantime::format_duration(settings.listener.ack_wait).to_string())
+            .env("GRIZZLY_WORKER__CLAUDE_BIN", &settings.worker.claude_bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(mcp) = &settings.worker.mcp_bin {
+            cmd.env("GRIZZLY_WORKER__MCP_BIN", mcp);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Ok(Self { child: cmd.spawn()? })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

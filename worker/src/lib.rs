@@ -1,1 +1,257 @@
+//! The worker: runs handlers. It serves every handler it loads, owns a fair share of each
+//! handler's task partitions (leases in KV `grizzly_leases`), and for each owned partition runs a
+//! [`partition::PartitionRunner`]. Outcomes are written back to the log by the [`executor`].
+//!
+//! Leases: key `task.<handler>.<partition>` holds the owner's id and expires unless renewed every
+//! third of `worker.lease_ttl`; a dead worker's partitions are free again within `lease_ttl`.
+//! Each worker also heartbeats `worker.<id>` with the handlers it serves; the fair share of a
+//! handler is `ceil(partitions / live workers serving it)`, so adding a replica moves partitions
+//! to it and removing one moves them back.
 
+pub mod breaker;
+pub mod executor;
+pub mod mcp;
+pub mod partition;
+pub mod pool;
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use grizzly_shared::handler::{HandlerKind, LoadedHandler};
+use grizzly_shared::nats::{self, Nats};
+use grizzly_shared::Settings;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::breaker::Breaker;
+use crate::executor::{ExecutionEnv, HandlerContext};
+use crate::partition::PartitionRunner;
+use crate::runtime::Runtime;
+
+/// Builds the runtime for a handler's `kind`.
+pub fn runtime_for(handler: &LoadedHandler, settings: &Settings) -> anyhow::Result<Arc<dyn Runtime>> {
+    Ok(match handler.spec.kind {
+        HandlerKind::Exec => Arc::new(runtime::exec::ExecRuntime::new(&handler.spec)),
+        HandlerKind::Process => Arc::new(runtime::process::ProcessRuntime::new(&handler.spec)),
+        HandlerKind::Claude => Arc::new(runtime::claude::ClaudeRuntime::new(handler, settings)?),
+    })
+}
+
+struct Owned {
+    revision: u64,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    /// Released partitions keep their lease until running tasks finish.
+    releasing: bool,
+}
+
+pub struct Worker {
+    nats: Nats,
+    settings: Settings,
+    id: String,
+    handlers: Vec<Arc<HandlerContext>>,
+}
+
+impl Worker {
+    pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
+        let id = sanitize(&settings.worker_id());
+        let handlers = handlers
+            .iter()
+            .map(|h| {
+                Ok(Arc::new(HandlerContext {
+                    runtime: runtime_for(h, &settings).with_context(|| format!("handler {}", h.spec.name))?,
+                    breaker: Breaker::new(h.spec.breaker.clone()),
+                    limit: Arc::new(Semaphore::new(h.spec.concurrency)),
+                    handler: h.clone(),
+                }))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            nats,
+            settings,
+            id,
+            handlers,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runtime state per handler (pool sizes, breaker).
+    pub fn state(&self) -> serde_json::Value {
+        json!(self
+            .handlers
+            .iter()
+            .map(|h| (h.name().to_string(), json!({"breaker": h.breaker.state().name(), "runtime": h.runtime.state()})))
+            .collect::<serde_json::Map<_, _>>())
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
+        let leases = nats::ensure_lease_bucket(&self.nats.js, self.settings.worker.lease_ttl, self.settings.streams.replicas).await?;
+        let env = ExecutionEnv {
+            nats: self.nats.clone(),
+            worker_id: self.id.clone(),
+            worker_limit: Arc::new(Semaphore::new(self.settings.worker.max_concurrency)),
+            ack_wait: self.settings.worker.ack_wait,
+        };
+        info!(worker = %self.id, handlers = self.handlers.len(), "worker started");
+        let mut owned: HashMap<(String, u16), Owned> = HashMap::new();
+        let mut tick = tokio::time::interval(self.settings.worker.lease_ttl / 3);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.balance(&leases, &env, &mut owned).await {
+                        warn!(error = %e, "lease round failed");
+                    }
+                }
+            }
+        }
+        // Drain: stop pulling, finish running tasks (bounded), then free the partitions at once.
+        info!(worker = %self.id, "draining");
+        for o in owned.values() {
+            o.stop.cancel();
+        }
+        let drain = async {
+            for ((handler, partition), o) in owned.drain() {
+                let _ = o.task.await;
+                let _ = leases.delete(lease_key(&handler, partition)).await;
+            }
+        };
+        if tokio::time::timeout(self.settings.worker.drain_timeout, drain).await.is_err() {
+            warn!("drain deadline passed; unfinished tasks will be redelivered");
+        }
+        let _ = leases.delete(format!("worker.{}", self.id)).await;
+        for h in &self.handlers {
+            h.runtime.shutdown().await;
+        }
+        info!(worker = %self.id, "worker stopped");
+        Ok(())
+    }
+
+    /// One lease round: heartbeat, renew, release surplus, claim up to the fair share.
+    async fn balance(&self, leases: &kv::Store, env: &ExecutionEnv, owned: &mut HashMap<(String, u16), Owned>) -> anyhow::Result<()> {
+        let names: Vec<&str> = self.handlers.iter().map(|h| h.name()).collect();
+        leases
+            .put(format!("worker.{}", self.id), serde_json::to_vec(&json!({"handlers": names}))?.into())
+            .await?;
+        let live = self.live_workers(leases).await?;
+
+        // Renew; a failed renewal means someone else owns it now: stop at once.
+        let mut lost = Vec::new();
+        for ((handler, partition), o) in owned.iter_mut() {
+            match leases.update(lease_key(handler, *partition), self.id.clone().into(), o.revision).await {
+                Ok(rev) => o.revision = rev,
+                Err(e) => {
+                    warn!(%handler, partition, error = %e, "lease lost");
+                    o.stop.cancel();
+                    lost.push((handler.clone(), *partition));
+                }
+            }
+        }
+        for key in lost {
+            owned.remove(&key);
+        }
+        // Released partitions whose tasks finished: give the lease back.
+        let done: Vec<_> = owned
+            .iter()
+            .filter(|(_, o)| o.releasing && o.task.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (handler, partition) in done {
+            owned.remove(&(handler.clone(), partition));
+            let _ = leases.delete(lease_key(&handler, partition)).await;
+        }
+
+        let partitions = self.settings.partitions;
+        for ctx in &self.handlers {
+            let name = ctx.name();
+            let workers = live.get(name).copied().unwrap_or(0).max(1);
+            let fair = (usize::from(partitions)).div_ceil(workers);
+            let mine: Vec<u16> = owned
+                .iter()
+                .filter(|((h, _), o)| h == name && !o.releasing)
+                .map(|((_, p), _)| *p)
+                .collect();
+            if mine.len() > fair {
+                for partition in mine.iter().skip(fair) {
+                    if let Some(o) = owned.get_mut(&(name.to_string(), *partition)) {
+                        info!(handler = name, partition, "releasing partition to rebalance");
+                        o.releasing = true;
+                        o.stop.cancel();
+                    }
+                }
+                continue;
+            }
+            let mut have = mine.len();
+            for partition in 0..partitions {
+                if have >= fair {
+                    break;
+                }
+                if owned.contains_key(&(name.to_string(), partition)) {
+                    continue;
+                }
+                if let Ok(revision) = leases.create(lease_key(name, partition), self.id.clone().into()).await {
+                    let stop = CancellationToken::new();
+                    let runner = PartitionRunner {
+                        ctx: ctx.clone(),
+                        env: env.clone(),
+                        partition,
+                        max_ack_pending: self.settings.worker.max_ack_pending,
+                    };
+                    let task = tokio::spawn(runner.run(stop.clone()));
+                    owned.insert((name.to_string(), partition), Owned { revision, stop, task, releasing: false });
+                    have += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Live workers per handler, from their heartbeats.
+    async fn live_workers(&self, leases: &kv::Store) -> anyhow::Result<HashMap<String, usize>> {
+        let mut counts = HashMap::new();
+        let mut keys = leases.keys().await?;
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if !key.starts_with("worker.") {
+                continue;
+            }
+            if let Some(value) = leases.get(&key).await? {
+                let beat: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
+                for h in beat["handlers"].as_array().into_iter().flatten() {
+                    if let Some(h) = h.as_str() {
+                        *counts.entry(h.to_string()).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+fn lease_key(handler: &str, partition: u16) -> String {
+    format!("task.{handler}.{partition}")
+}
+
+/// KV keys allow `[-/_=.a-zA-Z0-9]`.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
+
+/// Lease timing in one place for tests and docs.
+pub fn lease_renewal(settings: &Settings) -> Duration {
+    settings.worker.lease_ttl / 3
+}

@@ -1,1 +1,37 @@
-fn main() {}
+//! `grizzly-worker`: runs handlers (warm Claude Code pools, persistent processes, exec).
+//! `grizzly-worker mcp` is the MCP stdio server its Claude Code instances use to emit events.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use grizzly_shared::config::ComponentArgs;
+use grizzly_shared::{handler, nats, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(name = "grizzly-worker", version, about = "Grizzly worker: runs handlers")]
+struct Cli {
+    #[command(flatten)]
+    args: ComponentArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// MCP stdio server exposing `emit_event` (started by the worker for each agent).
+    Mcp,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Mcp) = cli.command {
+        return grizzly_worker::mcp::serve_stdio().await;
+    }
+    let settings = cli.args.load()?;
+    telemetry::init(&settings.log_format);
+    let handlers = handler::load_handlers(&settings.handlers_dir)
+        .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
+    let nats = nats::connect(&settings.nats_url, "grizzly-worker", true).await?;
+    let worker = grizzly_worker::Worker::new(nats, settings, &handlers)?;
+    worker.run(shutdown::on_signal()).await
+}

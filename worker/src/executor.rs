@@ -1,0 +1,285 @@
+//! Runs one task to its end: admission (handler and worker concurrency limits, circuit breaker),
+//! attempts with timeout and exponential back-off with jitter, and the durable write of every
+//! outcome — emitted events, `handler_succeeded` / `handler_failed`, or the dead letter — before
+//! the task is acked. While it works it sends in-progress acks so the broker does not redeliver
+//! a task that is still running.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, AckKind};
+use backon::BackoffBuilder;
+use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
+use grizzly_shared::envelope::now_rfc3339;
+use grizzly_shared::handler::LoadedHandler;
+use grizzly_shared::nats::{Nats, publish_confirmed};
+use grizzly_shared::subject::{EventSubject, dlq_subject};
+use grizzly_shared::{EventEnvelope, Task};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::breaker::{Breaker, Transition};
+use crate::runtime::{HandlerResult, Invocation, InvokeError, Runtime};
+
+/// Everything the worker keeps per handler.
+pub struct HandlerContext {
+    pub handler: LoadedHandler,
+    pub runtime: Arc<dyn Runtime>,
+    pub breaker: Breaker,
+    /// The handler's `concurrency` within this worker.
+    pub limit: Arc<Semaphore>,
+}
+
+impl HandlerContext {
+    pub fn name(&self) -> &str {
+        &self.handler.spec.name
+    }
+}
+
+/// Shared by every task a worker runs.
+#[derive(Clone)]
+pub struct ExecutionEnv {
+    pub nats: Nats,
+    pub worker_id: String,
+    /// Worker-wide cap across handlers.
+    pub worker_limit: Arc<Semaphore>,
+    pub ack_wait: Duration,
+}
+
+/// Runs `task` (delivered as `msg`) to a durable outcome, then acks it.
+pub async fn execute(ctx: &HandlerContext, env: &ExecutionEnv, msg: jetstream::Message, task: Task) {
+    let progress = {
+        // Keep the broker from redelivering while we wait for a slot, the breaker, or the handler.
+        let msg = msg.clone();
+        let every = env.ack_wait / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        })
+    };
+    let _handler_slot = ctx.limit.clone().acquire_owned().await;
+    let _worker_slot = env.worker_limit.clone().acquire_owned().await;
+    let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    let spec = &ctx.handler.spec;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(spec.retry.initial_backoff)
+        .with_max_delay(spec.retry.max_backoff)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut history = Vec::new();
+    for attempt in 1..=spec.retry.max_attempts {
+        ctx.breaker.admit().await;
+        let started = Instant::now();
+        let invocation = Invocation {
+            task: &task,
+            attempt,
+            timeout: spec.timeout,
+        };
+        // Safety net above the runtime's own deadline handling.
+        let outcome = match tokio::time::timeout(spec.timeout + Duration::from_secs(15), ctx.runtime.invoke(invocation)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(InvokeError::Timeout(spec.timeout)),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let outcome = outcome.and_then(|result| {
+            let emitted = emitted_envelopes(ctx, &task, &result).map_err(InvokeError::Failed)?;
+            Ok((result, emitted))
+        });
+        match outcome {
+            Ok((result, emitted)) => {
+                note_transition(ctx, env, &task, ctx.breaker.record(true)).await;
+                write_success(ctx, env, &task, attempt, duration_ms, result, emitted).await;
+                progress.abort();
+                if let Err(e) = msg.ack().await {
+                    warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
+                }
+                return;
+            }
+            Err(error) => {
+                note_transition(ctx, env, &task, ctx.breaker.record(false)).await;
+                let will_retry = attempt < spec.retry.max_attempts;
+                warn!(handler = %ctx.name(), event = %task.event.id, attempt, %error, will_retry, "handler attempt failed");
+                history.push(AttemptError {
+                    attempt,
+                    error: error.to_string(),
+                    at: now_rfc3339(),
+                });
+                write_failure(ctx, env, &task, delivery, attempt, duration_ms, &error, will_retry).await;
+                if will_retry {
+                    tokio::time::sleep(delays.next().unwrap_or(spec.retry.max_backoff)).await;
+                } else {
+                    write_dead_letter(ctx, env, &msg, &task, delivery, &error, std::mem::take(&mut history)).await;
+                }
+            }
+        }
+    }
+    progress.abort();
+    if let Err(e) = msg.ack().await {
+        warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
+    }
+}
+
+fn source(ctx: &HandlerContext) -> String {
+    format!("grizzly/handler/{}", ctx.name())
+}
+
+/// Turns the events a handler asked for into envelopes; an invalid one fails the attempt.
+fn emitted_envelopes(ctx: &HandlerContext, task: &Task, result: &HandlerResult) -> Result<Vec<EventEnvelope>, String> {
+    let cause = &task.event;
+    result
+        .emitted
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let subject = EventSubject::new(
+                e.aggregate_type.as_deref().unwrap_or(&cause.aggregatetype),
+                e.aggregate_id.as_deref().unwrap_or(&cause.aggregateid),
+                &e.event_type,
+            )
+            .map_err(|err| format!("emitted event #{i} is invalid: {err}"))?;
+            Ok(cause.caused(&subject, &source(ctx), e.data.clone(), &[ctx.name(), "emit", &i.to_string()]))
+        })
+        .collect()
+}
+
+fn outcome_subject(task: &Task, event_type: &str) -> EventSubject {
+    EventSubject::new(&task.event.aggregatetype, &task.event.aggregateid, event_type)
+        .expect("the handled event's aggregate is valid")
+}
+
+/// Publishes envelopes pipelined (all issued, then all confirmed), preserving their order.
+async fn publish_events(nats: &Nats, events: &[EventEnvelope]) {
+    let mut issued = Vec::with_capacity(events.len());
+    for event in events {
+        let subject = event.subject().expect("built from a valid subject").to_string();
+        let publish = PublishMessage::build()
+            .payload(event.to_json_bytes())
+            .headers(event.headers());
+        let first = nats.js.send_publish(subject.clone(), publish.clone()).await.ok();
+        issued.push((subject, publish, first));
+    }
+    for (subject, publish, first) in issued {
+        publish_confirmed(&nats.js, &subject, publish, first).await;
+    }
+}
+
+async fn write_success(
+    ctx: &HandlerContext,
+    env: &ExecutionEnv,
+    task: &Task,
+    attempt: u32,
+    duration_ms: u64,
+    result: HandlerResult,
+    mut events: Vec<EventEnvelope>,
+) {
+    let mut data = json!({
+        "handler": ctx.name(),
+        "handler_version": task.handler_version,
+        "event_id": task.event.id,
+        "attempt": attempt,
+        "duration_ms": duration_ms,
+        "output": result.output,
+        "emitted": events.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        "worker": env.worker_id,
+    });
+    if let Value::Object(map) = &mut data {
+        map.extend(result.details);
+    }
+    let outcome = task.event.caused(
+        &outcome_subject(task, "handler_succeeded"),
+        &source(ctx),
+        data,
+        &[ctx.name(), "succeeded"],
+    );
+    events.push(outcome);
+    publish_events(&env.nats, &events).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_failure(
+    ctx: &HandlerContext,
+    env: &ExecutionEnv,
+    task: &Task,
+    delivery: u32,
+    attempt: u32,
+    duration_ms: u64,
+    error: &InvokeError,
+    will_retry: bool,
+) {
+    let data = json!({
+        "handler": ctx.name(),
+        "handler_version": task.handler_version,
+        "event_id": task.event.id,
+        "attempt": attempt,
+        "delivery": delivery,
+        "duration_ms": duration_ms,
+        "output": Value::Null,
+        "error": error.to_string(),
+        "error_kind": error.kind(),
+        "will_retry": will_retry,
+        "dead_lettered": !will_retry,
+        "worker": env.worker_id,
+    });
+    let outcome = task.event.caused(
+        &outcome_subject(task, "handler_failed"),
+        &source(ctx),
+        data,
+        &[ctx.name(), "failed", &delivery.to_string(), &attempt.to_string()],
+    );
+    publish_events(&env.nats, &[outcome]).await;
+}
+
+async fn write_dead_letter(
+    ctx: &HandlerContext,
+    env: &ExecutionEnv,
+    msg: &jetstream::Message,
+    task: &Task,
+    delivery: u32,
+    error: &InvokeError,
+    history: Vec<AttemptError>,
+) {
+    let mut dead = DeadLetter {
+        handler: Some(ctx.name().to_string()),
+        handler_version: Some(task.handler_version),
+        kind: error.kind().to_string(),
+        error: error.to_string(),
+        attempts: history.len() as u32,
+        history,
+        original_subject: task.event.subject().map(|s| s.to_string()).unwrap_or_default(),
+        original_headers: headers_to_map(msg.headers.as_ref()),
+        original_payload: None,
+        original_payload_base64: None,
+        event_seq: Some(task.event_seq),
+        event: Some(task.event.clone()),
+        dead_lettered_at: now_rfc3339(),
+    };
+    dead.set_original_payload(&task.event.to_json_bytes());
+    info!(handler = %ctx.name(), event = %task.event.id, "dead-lettering after {} attempts", dead.attempts);
+    let publish = PublishMessage::build()
+        .payload(dead.to_json_bytes())
+        .message_id(format!("dlq:{}:{delivery}", task.msg_id()));
+    publish_confirmed(&env.nats.js, &dlq_subject(ctx.name()), publish, None).await;
+}
+
+/// Breaker changes are events on the System aggregate, so operators see them in the log.
+async fn note_transition(ctx: &HandlerContext, env: &ExecutionEnv, task: &Task, transition: Option<Transition>) {
+    let Some(transition) = transition else { return };
+    let event_type = match transition {
+        Transition::Opened => "breaker_opened",
+        Transition::Closed => "breaker_closed",
+    };
+    warn!(handler = %ctx.name(), "circuit breaker {event_type}");
+    let Ok(subject) = EventSubject::new("system", ctx.name(), event_type) else { return };
+    let event = task.event.caused(
+        &subject,
+        &source(ctx),
+        json!({"handler": ctx.name(), "worker": env.worker_id}),
+        &[ctx.name(), event_type, &env.worker_id],
+    );
+    publish_events(&env.nats, &[event]).await;
+}

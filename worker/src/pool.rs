@@ -1,0 +1,298 @@
+//! A warm instance pool: long-lived handler processes handed to one task at a time.
+//!
+//! Size stays within `[min, max]`: it grows on demand while tasks wait (a checkout spawns when
+//! nothing is idle), shrinks toward `min` when instances sit idle, replaces instances that died or
+//! hit their recycle limits, and drains on shutdown. `max` is also the pool's concurrency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+/// One warm process.
+pub trait Instance: Send + 'static {
+    /// False once the process exited or its pipes broke.
+    fn is_alive(&mut self) -> bool;
+    /// Whether it should be replaced instead of reused (turn count, memory...).
+    fn needs_recycle(&mut self) -> bool;
+    /// Aggregate whose conversation it holds, for session affinity.
+    fn affinity(&self) -> Option<&str> {
+        None
+    }
+    /// Stops the process (gracefully if it can, then by force).
+    fn stop(self) -> BoxFuture<'static, ()>;
+}
+
+pub type Spawner<I> = Arc<dyn Fn() -> BoxFuture<'static, Result<I, String>> + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct PoolStats {
+    pub size: usize,
+    pub busy: usize,
+    pub idle: usize,
+    pub min: usize,
+    pub max: usize,
+    pub spawned: u64,
+    pub recycled: u64,
+    pub failures: u64,
+}
+
+struct Idle<I> {
+    instance: I,
+    since: Instant,
+}
+
+struct Inner<I> {
+    spawner: Spawner<I>,
+    min: usize,
+    max: usize,
+    idle_timeout: Duration,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle<I>>>,
+    size: AtomicUsize,
+    busy: AtomicUsize,
+    spawned: AtomicU64,
+    recycled: AtomicU64,
+    failures: AtomicU64,
+    closed: AtomicBool,
+}
+
+pub struct Pool<I: Instance> {
+    inner: Arc<Inner<I>>,
+}
+
+impl<I: Instance> Clone for Pool<I> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// An instance checked out for one task. Return it with [`Pool::checkin`].
+pub struct Lease<I> {
+    pub instance: I,
+    /// Whether it came from the idle list (warm) or was just spawned.
+    pub reused: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<I: Instance> Pool<I> {
+    pub fn new(min: usize, max: usize, idle_timeout: Duration, spawner: Spawner<I>) -> Self {
+        let max = max.max(1);
+        let pool = Self {
+            inner: Arc::new(Inner {
+                spawner,
+                min: min.min(max),
+                max,
+                idle_timeout,
+                permits: Arc::new(Semaphore::new(max)),
+                idle: Mutex::new(Vec::new()),
+                size: AtomicUsize::new(0),
+                busy: AtomicUsize::new(0),
+                spawned: AtomicU64::new(0),
+                recycled: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        let reaper = pool.clone();
+        tokio::spawn(async move { reaper.reap_idle().await });
+        pool
+    }
+
+    /// Starts `min` instances ahead of the first task.
+    pub async fn prewarm(&self) {
+        let mut started = Vec::new();
+        for _ in 0..self.inner.min {
+            if let Some(instance) = self.spawn().await {
+                started.push(Idle {
+                    instance,
+                    since: Instant::now(),
+                });
+            }
+        }
+        self.inner.idle.lock().await.extend(started);
+    }
+
+    async fn spawn(&self) -> Option<I> {
+        match (self.inner.spawner)().await {
+            Ok(instance) => {
+                self.inner.size.fetch_add(1, Ordering::SeqCst);
+                self.inner.spawned.fetch_add(1, Ordering::SeqCst);
+                Some(instance)
+            }
+            Err(e) => {
+                self.inner.failures.fetch_add(1, Ordering::SeqCst);
+                warn!(error = %e, "cannot start pool instance");
+                None
+            }
+        }
+    }
+
+    /// Waits for a free slot, then hands out an idle instance (preferring one that holds
+    /// `affinity`'s conversation) or starts a new one.
+    pub async fn checkout(&self, affinity: Option<&str>) -> Result<Lease<I>, String> {
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "pool is shut down".to_string())?;
+        loop {
+            let candidate = {
+                let mut idle = self.inner.idle.lock().await;
+                let pos = affinity
+                    .and_then(|a| idle.iter().position(|i| i.instance.affinity() == Some(a)))
+                    .or_else(|| {
+                        // Prefer an instance holding no conversation, then the most recently used.
+                        idle.iter()
+                            .rposition(|i| i.instance.affinity().is_none())
+                            .or(idle.len().checked_sub(1))
+                    });
+                pos.map(|p| idle.remove(p))
+            };
+            match candidate {
+                Some(mut entry) => {
+                    if entry.instance.is_alive() {
+                        self.inner.busy.fetch_add(1, Ordering::SeqCst);
+                        return Ok(Lease {
+                            instance: entry.instance,
+                            reused: true,
+                            _permit: permit,
+                        });
+                    }
+                    debug!("dropping dead idle instance");
+                    self.discard(entry.instance, false).await;
+                }
+                None => {
+                    let instance = self
+                        .spawn()
+                        .await
+                        .ok_or_else(|| "cannot start a pool instance".to_string())?;
+                    self.inner.busy.fetch_add(1, Ordering::SeqCst);
+                    return Ok(Lease {
+                        instance,
+                        reused: false,
+                        _permit: permit,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Returns an instance after a task. `healthy = false` (crash, timeout, protocol error)
+    /// replaces it.
+    pub async fn checkin(&self, mut lease: Lease<I>, healthy: bool) {
+        self.inner.busy.fetch_sub(1, Ordering::SeqCst);
+        let closed = self.inner.closed.load(Ordering::SeqCst);
+        if healthy && !closed && lease.instance.is_alive() && !lease.instance.needs_recycle() {
+            self.inner.idle.lock().await.push(Idle {
+                instance: lease.instance,
+                since: Instant::now(),
+            });
+            return;
+        }
+        let recycled = healthy && lease.instance.is_alive();
+        self.discard(lease.instance, recycled).await;
+        if !closed {
+            self.refill().await;
+        }
+    }
+
+    async fn discard(&self, instance: I, recycled: bool) {
+        self.inner.size.fetch_sub(1, Ordering::SeqCst);
+        if recycled {
+            self.inner.recycled.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.inner.failures.fetch_add(1, Ordering::SeqCst);
+        }
+        tokio::spawn(instance.stop());
+    }
+
+    /// Keeps at least `min` instances (a replacement starts in the background).
+    async fn refill(&self) {
+        if self.inner.size.load(Ordering::SeqCst) >= self.inner.min {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Some(instance) = pool.spawn().await {
+                pool.inner.idle.lock().await.push(Idle {
+                    instance,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    async fn reap_idle(&self) {
+        let tick = (self.inner.idle_timeout / 4).max(Duration::from_millis(250));
+        while !self.inner.closed.load(Ordering::SeqCst) {
+            tokio::time::sleep(tick).await;
+            let mut expired = Vec::new();
+            {
+                let mut idle = self.inner.idle.lock().await;
+                let mut i = 0;
+                while i < idle.len() {
+                    let over_min = self.inner.size.load(Ordering::SeqCst) - expired.len() > self.inner.min;
+                    if over_min && idle[i].since.elapsed() > self.inner.idle_timeout {
+                        expired.push(idle.remove(i).instance);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            for instance in expired {
+                debug!("shrinking pool: idle instance stopped");
+                self.inner.size.fetch_sub(1, Ordering::SeqCst);
+                instance.stop().await;
+            }
+        }
+    }
+
+    pub async fn stats(&self) -> PoolStats {
+        PoolStats {
+            size: self.inner.size.load(Ordering::SeqCst),
+            busy: self.inner.busy.load(Ordering::SeqCst),
+            idle: self.inner.idle.lock().await.len(),
+            min: self.inner.min,
+            max: self.inner.max,
+            spawned: self.inner.spawned.load(Ordering::SeqCst),
+            recycled: self.inner.recycled.load(Ordering::SeqCst),
+            failures: self.inner.failures.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Synchronous snapshot (skips the idle count if the list is being changed right now).
+    pub fn stats_now(&self) -> PoolStats {
+        PoolStats {
+            size: self.inner.size.load(Ordering::SeqCst),
+            busy: self.inner.busy.load(Ordering::SeqCst),
+            idle: self.inner.idle.try_lock().map(|i| i.len()).unwrap_or(0),
+            min: self.inner.min,
+            max: self.inner.max,
+            spawned: self.inner.spawned.load(Ordering::SeqCst),
+            recycled: self.inner.recycled.load(Ordering::SeqCst),
+            failures: self.inner.failures.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Waits for in-flight tasks (up to `deadline`), then stops every instance.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let all = self.inner.max as u32;
+        let _ = tokio::time::timeout(deadline, self.inner.permits.acquire_many(all)).await;
+        self.inner.permits.close();
+        let idle: Vec<_> = self.inner.idle.lock().await.drain(..).collect();
+        for entry in idle {
+            self.inner.size.fetch_sub(1, Ordering::SeqCst);
+            entry.instance.stop().await;
+        }
+    }
+}
