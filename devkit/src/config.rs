@@ -77,6 +77,10 @@ pub enum FailureMode {
     /// notices after its `API_TIMEOUT_MS`.
     Hang,
     /// Send `200` + `message_start`, then nothing more (until shutdown).
+    /// Beware: Claude Code 2.1 ignores `API_TIMEOUT_MS` once the stream has
+    /// started; its idle watchdog fires after 5 min at the earliest
+    /// (`CLAUDE_STREAM_IDLE_TIMEOUT_MS` can only raise that), so a worker
+    /// needs its own turn deadline. Non-streaming requests answer normally.
     StallMidStream,
     /// The next N requests get a `500 api_error`, then the mode reverts to
     /// [`FailureMode::None`] by itself — models a transient outage.

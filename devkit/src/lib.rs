@@ -7,9 +7,14 @@
 //!
 //! What it serves:
 //! - `POST /v1/messages` (streaming SSE or plain JSON). Replies are derived
-//!   from the request: `fake reply: <last user text>` by default; a marker
-//!   `[[tool:NAME {json}]]` in the prompt makes it call that tool first (see
-//!   [`reply`](crate) module docs in `reply.rs`).
+//!   from the request alone (no per-session state), so they are deterministic:
+//!   - by default `fake reply: <first 200 chars of the last user text>`
+//!     ([`ReplyMode`]);
+//!   - a marker `[[tool:NAME {json input}]]` in the prompt makes the fake call
+//!     the tool whose name is NAME or ends with NAME (`emit_event` matches
+//!     `mcp__grizzly__emit_event`), one call per marker and request; once all
+//!     results are back it answers `fake reply: tool <name> done: <result text>`
+//!     (`failed` instead of `done` for error results).
 //! - `POST /v1/messages/count_tokens`.
 //! - anything else: `404` with an Anthropic-style error, logged at `warn`.
 //!

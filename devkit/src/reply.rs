@@ -23,7 +23,11 @@ const RESULT_CHARS: usize = 500;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Block {
     Text(String),
-    ToolUse { id: String, name: String, input: Value },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
 }
 
 /// The whole answer to one `/v1/messages` request.
@@ -124,8 +128,13 @@ pub(crate) fn plan(req: &Value, mode: &ReplyMode, tool_id: impl FnOnce() -> Stri
                 } else {
                     "done"
                 };
-                let text = result.map(|r| content_text(&r["content"])).unwrap_or_default();
-                format!("fake reply: tool {name} {verb}: {}", truncate(&text, RESULT_CHARS))
+                let text = result
+                    .map(|r| content_text(&r["content"]))
+                    .unwrap_or_default();
+                format!(
+                    "fake reply: tool {name} {verb}: {}",
+                    truncate(&text, RESULT_CHARS)
+                )
             })
             .collect();
         Plan::text(lines.join("\n"))
@@ -160,14 +169,19 @@ fn tool_results(msg: &Value) -> Vec<Value> {
         .collect()
 }
 
-/// The user's own words: text blocks minus the `<system-reminder>` blocks
-/// Claude Code injects (they would make echo replies unpredictable).
+/// Prefixes of text blocks Claude Code injects into user messages: system
+/// reminders, and after `/clear` a record of the local command
+/// (`<local-command-caveat>`, `<command-name>`, `<local-command-stdout>`).
+const INJECTED: &[&str] = &["<system-reminder>", "<local-command-", "<command-"];
+
+/// The user's own words: text blocks minus the ones Claude Code injects
+/// (they would make echo replies unpredictable).
 fn user_text(msg: &Value) -> String {
     blocks(msg)
         .iter()
         .filter(|b| b["type"] == "text")
         .filter_map(|b| b["text"].as_str())
-        .filter(|t| !t.trim_start().starts_with("<system-reminder>"))
+        .filter(|t| !INJECTED.iter().any(|p| t.trim_start().starts_with(p)))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -265,6 +279,8 @@ mod tests {
         let req = json!({"messages":[
             {"role":"user","content":[
                 {"type":"text","text":"<system-reminder>x</system-reminder>"},
+                {"type":"text","text":"<local-command-caveat>y</local-command-caveat>\n"},
+                {"type":"text","text":"<command-name>/clear</command-name>\n"},
                 {"type":"text","text":"hello"}]},
             {"role":"system","content":[]}]});
         let a = plan(&req, &ReplyMode::Echo, || unreachable!());
@@ -282,7 +298,8 @@ mod tests {
 
         let call = |id: &str, name: &str| json!({"role":"assistant","content":[{"type":"tool_use","id":id,"name":name,"input":{}}]});
         let result = |id: &str, text: &str| json!({"role":"user","content":[{"type":"tool_result","tool_use_id":id,"content":[{"type":"text","text":text}]}]});
-        let req2 = json!({"tools":tools,"messages":[prompt, call("t1","mcp__s__a"), result("t1","ok-a")]});
+        let req2 =
+            json!({"tools":tools,"messages":[prompt, call("t1","mcp__s__a"), result("t1","ok-a")]});
         let a2 = plan(&req2, &ReplyMode::Echo, || "t2".into());
         assert!(a2.saw_tool_result);
         assert!(matches!(&a2.plan.blocks[0], Block::ToolUse{name,..} if name == "b"));
@@ -291,13 +308,16 @@ mod tests {
         let a3 = plan(&req3, &ReplyMode::Echo, || unreachable!());
         assert_eq!(
             a3.plan,
-            Plan::text("fake reply: tool mcp__s__a done: ok-a\nfake reply: tool b done: ok-b".into())
+            Plan::text(
+                "fake reply: tool mcp__s__a done: ok-a\nfake reply: tool b done: ok-b".into()
+            )
         );
     }
 
     #[test]
     fn unknown_tool_is_reported_in_text() {
-        let req = json!({"tools":[{"name":"x"}],"messages":[{"role":"user","content":"[[tool:nope]]"}]});
+        let req =
+            json!({"tools":[{"name":"x"}],"messages":[{"role":"user","content":"[[tool:nope]]"}]});
         let a = plan(&req, &ReplyMode::Echo, || unreachable!());
         assert_eq!(
             a.plan,

@@ -369,7 +369,10 @@ async fn messages(
         }
         FailureMode::FailNext(_) => {
             c.injected_failures.fetch_add(1, Ordering::Relaxed);
-            return api_error(StatusCode::INTERNAL_SERVER_ERROR, "fake injected error (fail_next)");
+            return api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "fake injected error (fail_next)",
+            );
         }
         FailureMode::Hang => {
             c.injected_failures.fetch_add(1, Ordering::Relaxed);
@@ -463,7 +466,10 @@ fn chunks(s: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = s;
     while !rest.is_empty() {
-        let cut = rest.char_indices().nth(DELTA_CHARS).map_or(rest.len(), |(i, _)| i);
+        let cut = rest
+            .char_indices()
+            .nth(DELTA_CHARS)
+            .map_or(rest.len(), |(i, _)| i);
         out.push(&rest[..cut]);
         rest = &rest[cut..];
     }
@@ -548,7 +554,11 @@ async fn not_found(State(shared): AppState, req: Request) -> Response {
     warn!(method = %parts.method, uri = %parts.uri, "fake API: unknown path");
     api_error(
         StatusCode::NOT_FOUND,
-        format!("fake API does not serve {} {}", parts.method, parts.uri.path()),
+        format!(
+            "fake API does not serve {} {}",
+            parts.method,
+            parts.uri.path()
+        ),
     )
 }
 

@@ -153,7 +153,8 @@ impl Listener {
                 .stream()
                 .group(LISTENER_GROUP)
                 .max_messages_per_batch(512)
-                .heartbeat(Duration::from_secs(5))
+                .heartbeat(Duration::from_millis(500))
+                // Well under PIN_TIMEOUT, or the pin would lapse between pulls.
                 .expires(Duration::from_secs(2))
                 .messages()
                 .await
@@ -181,6 +182,7 @@ impl Listener {
                         Some(Err(e)) => {
                             // e.g. a missed idle heartbeat under load: transient, pull again.
                             warn!(error = %e, "EVENTS pull interrupted; resuming");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             continue 'outer;
                         }
                         None => continue 'outer,

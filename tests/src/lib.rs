@@ -76,6 +76,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts a fresh nats-server (fails loudly when it is not installed).
     pub async fn start() -> anyhow::Result<Self> {
+        grizzly_shared::telemetry::init("text");
         let server = NatsServer::start_temp()
             .await
             .context("a real nats-server is required (run scripts/install-tools.sh)")?;

@@ -80,8 +80,8 @@ impl PartitionRunner {
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(256)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(2))
+                .heartbeat(Duration::from_secs(3))
+                .expires(Duration::from_secs(10))
                 .messages()
                 .await
             {
@@ -110,6 +110,7 @@ impl PartitionRunner {
                         Some(Ok(msg)) => self.accept(msg, &mut queues, &mut running).await,
                         Some(Err(e)) => {
                             warn!(%handler, error = %e, "task pull interrupted; resuming");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             continue 'pull;
                         }
                         None => continue 'pull,

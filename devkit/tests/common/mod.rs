@@ -2,6 +2,7 @@
 //! driver for a warm Claude Code CLI process in stream-json mode.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -24,19 +25,19 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// One request on a fresh connection; returns the response with its body
 /// still unread (so stalls can be observed frame by frame).
 pub async fn send(
-    fake: &FakeApiHandle,
+    addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<Response<Incoming>> {
-    let stream = tokio::net::TcpStream::connect(fake.addr()).await?;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let bytes = body.map(|b| b.to_string()).unwrap_or_default();
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", fake.addr().to_string())
+        .header("host", addr.to_string())
         .header("content-type", "application/json")
         .header("x-api-key", "sk-test")
         .body(Full::new(Bytes::from(bytes)))?;
@@ -44,21 +45,27 @@ pub async fn send(
 }
 
 pub async fn body_text(resp: Response<Incoming>) -> anyhow::Result<String> {
-    let bytes = timeout(DEADLINE, resp.into_body().collect()).await??.to_bytes();
+    let bytes = timeout(DEADLINE, resp.into_body().collect())
+        .await??
+        .to_bytes();
     Ok(String::from_utf8(bytes.to_vec())?)
 }
 
 /// Request + whole body parsed as JSON.
 pub async fn send_json(
-    fake: &FakeApiHandle,
+    addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    let resp = send(fake, method, path, body).await?;
+    let resp = send(addr, method, path, body).await?;
     let status = resp.status().as_u16();
     let text = body_text(resp).await?;
-    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? };
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)?
+    };
     Ok((status, value))
 }
 
@@ -89,10 +96,16 @@ pub fn messages_request(messages: Value, tools: Value) -> Value {
 
 /// Path of the real CLI, or a failing error: these tests must not skip.
 pub fn claude_bin() -> anyhow::Result<PathBuf> {
-    find_claude_cli().context(
+    let bin = find_claude_cli().context(
         "Claude Code CLI not found: expected $GRIZZLY_CLAUDE_BIN, <workspace>/.tools/bin/claude \
          (run scripts/install-tools.sh) or `claude` on PATH",
-    )
+    )?;
+    anyhow::ensure!(
+        bin.is_file(),
+        "Claude Code CLI {} does not exist",
+        bin.display()
+    );
+    Ok(bin)
 }
 
 /// A warm `claude -p` process in stream-json mode, talking to the fake.
@@ -151,10 +164,18 @@ impl Claude {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Ok(Self { child, stdin, stdout, stderr, home })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            home,
+        })
     }
 
     pub fn home_path(&self) -> &Path {
@@ -174,7 +195,9 @@ impl Claude {
         let mut seen = Vec::new();
         let read = async {
             while let Some(line) = self.stdout.next_line().await? {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 if v["type"] == "result" {
                     return Ok(v);
                 }
@@ -185,7 +208,10 @@ impl Claude {
         match timeout(deadline, read).await {
             Ok(Ok(result)) => Ok((result, seen)),
             Ok(Err(e)) => Err(e.context(self.diagnostics(&seen))),
-            Err(_) => bail!("no result line within {deadline:?}; {}", self.diagnostics(&seen)),
+            Err(_) => bail!(
+                "no result line within {deadline:?}; {}",
+                self.diagnostics(&seen)
+            ),
         }
     }
 
