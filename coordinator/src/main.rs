@@ -5,7 +5,11 @@ use grizzly_shared::config::ComponentArgs;
 use grizzly_shared::{nats, shutdown, telemetry};
 
 #[derive(Parser)]
-#[command(name = "grizzly-coordinator", version, about = "Grizzly coordinator: runs workflows")]
+#[command(
+    name = "grizzly-coordinator",
+    version,
+    about = "Grizzly coordinator: runs workflows"
+)]
 struct Cli {
     #[command(flatten)]
     args: ComponentArgs,

@@ -77,7 +77,11 @@ impl RouteTable {
     }
 
     /// The routes an event goes to.
-    pub fn matching<'a>(&'a self, subject: &'a str, event: &'a EventEnvelope) -> impl Iterator<Item = &'a Route> {
+    pub fn matching<'a>(
+        &'a self,
+        subject: &'a str,
+        event: &'a EventEnvelope,
+    ) -> impl Iterator<Item = &'a Route> {
         let outcome_of = if OUTCOME_TYPES.contains(&event.event_type.as_str()) {
             event.data.get("handler").and_then(|h| h.as_str())
         } else {
@@ -202,13 +206,20 @@ impl Listener {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, subject = %msg.subject, "cannot route; will redeliver");
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
                 return (0, Box::pin(async { 0 }));
             }
         };
         let mut issued = Vec::with_capacity(publishes.len());
         for (subject, publish) in publishes {
-            let ack = self.nats.js.send_publish(subject.clone(), publish.clone()).await.ok();
+            let ack = self
+                .nats
+                .js
+                .send_publish(subject.clone(), publish.clone())
+                .await
+                .ok();
             issued.push((subject, publish, ack));
         }
         let count = issued.len();
@@ -226,8 +237,13 @@ impl Listener {
     }
 
     /// What must be written for one message: its tasks, or its dead letter.
-    fn publishes_for(&self, msg: &jetstream::Message) -> anyhow::Result<Vec<(String, PublishMessage)>> {
-        let info = msg.info().map_err(|e| anyhow::anyhow!("message info: {e}"))?;
+    fn publishes_for(
+        &self,
+        msg: &jetstream::Message,
+    ) -> anyhow::Result<Vec<(String, PublishMessage)>> {
+        let info = msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
         let stored = StoredMessage {
             subject: msg.subject.as_str(),
             headers: msg.headers.as_ref(),

@@ -6,7 +6,11 @@ use grizzly_shared::config::ComponentArgs;
 use grizzly_shared::{handler, nats, shutdown, telemetry};
 
 #[derive(Parser)]
-#[command(name = "grizzly-listener", version, about = "Grizzly listener: routes events to handlers")]
+#[command(
+    name = "grizzly-listener",
+    version,
+    about = "Grizzly listener: routes events to handlers"
+)]
 struct Cli {
     #[command(flatten)]
     args: ComponentArgs,

@@ -14,7 +14,10 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
     #[error("configuration: {field}: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// How the broker's streams are sized and replicated.
@@ -68,6 +71,8 @@ pub struct WorkerSettings {
     /// Drain deadline on shutdown.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Environment added to every handler process (e.g. `ANTHROPIC_BASE_URL`).
+    pub handler_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for WorkerSettings {
@@ -81,6 +86,7 @@ impl Default for WorkerSettings {
             claude_bin: "claude".into(),
             mcp_bin: None,
             drain_timeout: Duration::from_secs(30),
+            handler_env: Default::default(),
         }
     }
 }
@@ -142,8 +148,8 @@ impl Settings {
     pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
         let env_file = std::env::var_os("GRIZZLY_CONFIG").map(PathBuf::from);
         let file = file.map(Path::to_path_buf).or(env_file);
-        let mut builder = config::Config::builder()
-            .add_source(config::Config::try_from(&Settings::default())?);
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
         if let Some(file) = &file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
         }

@@ -67,7 +67,9 @@ impl DeadLetter {
     }
 
     pub fn to_json_bytes(&self) -> bytes::Bytes {
-        serde_json::to_vec(self).expect("a dead letter always serializes").into()
+        serde_json::to_vec(self)
+            .expect("a dead letter always serializes")
+            .into()
     }
 }
 

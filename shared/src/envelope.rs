@@ -24,7 +24,9 @@ pub const SPEC_VERSION: &str = "1.0";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
 /// Dispatch priority, highest first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Critical,
@@ -144,7 +146,8 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn format_time(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -177,7 +180,13 @@ impl EventEnvelope {
 
     /// An event caused by `self`: deterministic id from the cause and `id_parts` (so a replay
     /// writes the same id), same correlation and trace, `causationid` = the cause.
-    pub fn caused(&self, subject: &EventSubject, source: &str, data: Value, id_parts: &[&str]) -> Self {
+    pub fn caused(
+        &self,
+        subject: &EventSubject,
+        source: &str,
+        data: Value,
+        id_parts: &[&str],
+    ) -> Self {
         let mut parts = vec![self.id.as_str()];
         parts.extend_from_slice(id_parts);
         Self {
@@ -241,7 +250,9 @@ impl EventEnvelope {
                 subject: msg.subject.to_string(),
                 source,
             })?;
-        let is_cloud_event = body.as_object().is_some_and(|o| o.contains_key("specversion"));
+        let is_cloud_event = body
+            .as_object()
+            .is_some_and(|o| o.contains_key("specversion"));
         if is_cloud_event {
             Self::from_cloud_event(body, &subject, msg)
         } else {
@@ -296,7 +307,11 @@ impl EventEnvelope {
         let obj = body.as_object_mut().expect("checked by caller");
         match obj.get("specversion").and_then(Value::as_str) {
             Some(SPEC_VERSION) => {}
-            other => return Err(invalid(format!("specversion is {other:?}, expected \"1.0\""))),
+            other => {
+                return Err(invalid(format!(
+                    "specversion is {other:?}, expected \"1.0\""
+                )));
+            }
         }
         // The subject is authoritative; a body that disagrees with it is refused, not guessed.
         for (attr, expected) in [
@@ -353,7 +368,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn stored<'a>(subject: &'a str, payload: &'a [u8], headers: Option<&'a HeaderMap>) -> StoredMessage<'a> {
+    fn stored<'a>(
+        subject: &'a str,
+        payload: &'a [u8],
+        headers: Option<&'a HeaderMap>,
+    ) -> StoredMessage<'a> {
         StoredMessage {
             subject,
             headers,
@@ -365,7 +384,9 @@ mod tests {
 
     #[test]
     fn raw_json_becomes_data() {
-        let e = EventEnvelope::from_stored(&stored("events.agent.a1.ping", br#"{"x":1}"#, None), 1024).unwrap();
+        let e =
+            EventEnvelope::from_stored(&stored("events.agent.a1.ping", br#"{"x":1}"#, None), 1024)
+                .unwrap();
         assert_eq!(e.data, json!({"x": 1}));
         assert_eq!(e.event_type, "ping");
         assert_eq!(e.aggregatetype, "agent");
@@ -373,7 +394,9 @@ mod tests {
         assert_eq!(e.source, "nats");
         assert_eq!(e.correlationid.as_deref(), Some(e.id.as_str()));
         // Same content at the same position: same id (replay); another position: another id.
-        let again = EventEnvelope::from_stored(&stored("events.agent.a1.ping", br#"{"x":1}"#, None), 1024).unwrap();
+        let again =
+            EventEnvelope::from_stored(&stored("events.agent.a1.ping", br#"{"x":1}"#, None), 1024)
+                .unwrap();
         assert_eq!(again.id, e.id);
     }
 
@@ -382,7 +405,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(headers::MSG_ID, "m-1");
         h.insert(headers::PRIORITY, "critical");
-        let e = EventEnvelope::from_stored(&stored("events.agent.a1.ping", b"[1,2]", Some(&h)), 1024).unwrap();
+        let e =
+            EventEnvelope::from_stored(&stored("events.agent.a1.ping", b"[1,2]", Some(&h)), 1024)
+                .unwrap();
         assert_eq!(e.id, "m-1");
         assert_eq!(e.priority, Priority::Critical);
         assert_eq!(e.data, json!([1, 2]));
@@ -393,21 +418,32 @@ mod tests {
         let subject = EventSubject::parse("events.workflow.w1.started").unwrap();
         let e = EventEnvelope::new(&subject, "test", json!({"k": "v"}));
         let bytes = e.to_json_bytes();
-        let back = EventEnvelope::from_stored(&stored("events.workflow.w1.started", &bytes, None), 1024).unwrap();
+        let back =
+            EventEnvelope::from_stored(&stored("events.workflow.w1.started", &bytes, None), 1024)
+                .unwrap();
         assert_eq!(back, e);
     }
 
     #[test]
     fn bad_input_is_named() {
-        let err = EventEnvelope::from_stored(&stored("events.agent.a1.ping", b"not json", None), 1024).unwrap_err();
+        let err =
+            EventEnvelope::from_stored(&stored("events.agent.a1.ping", b"not json", None), 1024)
+                .unwrap_err();
         assert_eq!(err.kind(), "not_json");
         assert!(err.to_string().contains("events.agent.a1.ping"));
-        let err = EventEnvelope::from_stored(&stored("events.agent.ping", b"{}", None), 1024).unwrap_err();
+        let err = EventEnvelope::from_stored(&stored("events.agent.ping", b"{}", None), 1024)
+            .unwrap_err();
         assert_eq!(err.kind(), "bad_subject");
-        let err = EventEnvelope::from_stored(&stored("events.agent.a1.ping", &[b' '; 2048], None), 1024).unwrap_err();
+        let err =
+            EventEnvelope::from_stored(&stored("events.agent.a1.ping", &[b' '; 2048], None), 1024)
+                .unwrap_err();
         assert_eq!(err.kind(), "oversized");
         let err = EventEnvelope::from_stored(
-            &stored("events.agent.a1.ping", br#"{"specversion":"1.0","type":"pong"}"#, None),
+            &stored(
+                "events.agent.a1.ping",
+                br#"{"specversion":"1.0","type":"pong"}"#,
+                None,
+            ),
             1024,
         )
         .unwrap_err();

@@ -284,7 +284,10 @@ impl HandlerSpec {
             }
             HandlerKind::Process | HandlerKind::Exec => {
                 if self.command.is_empty() {
-                    problems.push(format!("command: a `{}` handler needs `command`", self.kind));
+                    problems.push(format!(
+                        "command: a `{}` handler needs `command`",
+                        self.kind
+                    ));
                 }
                 if self.prompt.is_some() || self.template.is_some() {
                     problems.push(format!("prompt: not used by a `{}` handler", self.kind));
@@ -428,10 +431,7 @@ pub fn load_handlers(dir: &Path) -> Result<Vec<LoadedHandler>, HandlerLoadErrors
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.is_file()
-                    && matches!(
-                        p.extension().and_then(|e| e.to_str()),
-                        Some("yaml" | "yml")
-                    )
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
             })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -527,12 +527,17 @@ priority: high
         let errs = parse("name: x\non: [\"events.>\"\nkind: exec\n").unwrap_err();
         assert_eq!(errs.len(), 1);
         assert!(errs[0].line.is_some(), "{:?}", errs[0]);
-        assert!(errs[0].to_string().starts_with("handlers/t.yaml:"), "{}", errs[0]);
+        assert!(
+            errs[0].to_string().starts_with("handlers/t.yaml:"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
     fn unknown_key_missing_field_and_bad_kind_are_named() {
-        let errs = parse("name: x\non: [\"events.>\"]\nkind: exec\ncommand: [a]\nbogus: 1\n").unwrap_err();
+        let errs =
+            parse("name: x\non: [\"events.>\"]\nkind: exec\ncommand: [a]\nbogus: 1\n").unwrap_err();
         assert!(errs[0].message.contains("bogus"), "{}", errs[0]);
         assert_eq!(errs[0].line, Some(5));
 
@@ -546,7 +551,8 @@ priority: high
 
     #[test]
     fn semantic_problems_are_all_reported() {
-        let errs = parse("name: Bad Name\non: [\"tasks.x\"]\nkind: exec\nconcurrency: 0\n").unwrap_err();
+        let errs =
+            parse("name: Bad Name\non: [\"tasks.x\"]\nkind: exec\nconcurrency: 0\n").unwrap_err();
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert!(text.iter().any(|t| t.contains("name:")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("on:")), "{text:?}");
@@ -558,7 +564,9 @@ priority: high
     fn claude_needs_a_prompt() {
         let errs = parse("name: c\non: [\"events.>\"]\nkind: claude\n").unwrap_err();
         assert!(errs[0].message.starts_with("prompt:"), "{}", errs[0]);
-        let ok = parse("name: c\non: [\"events.>\"]\nkind: claude\ntemplate: \"hi {{ event.data }}\"\n").unwrap();
+        let ok =
+            parse("name: c\non: [\"events.>\"]\nkind: claude\ntemplate: \"hi {{ event.data }}\"\n")
+                .unwrap();
         assert_eq!(ok.prompt_template.as_deref(), Some("hi {{ event.data }}"));
     }
 }

@@ -22,7 +22,10 @@ pub enum NatsServerError {
     #[error("{path}: nats-server {found} is too old (need 2.10+); {INSTALL_HINT}")]
     TooOld { path: PathBuf, found: String },
     #[error("cannot run {path}: {source}")]
-    Spawn { path: PathBuf, source: std::io::Error },
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("nats-server did not become ready within {0:?}; log: {1}")]
     NotReady(Duration, String),
     #[error("io: {0}")]
@@ -151,7 +154,11 @@ impl NatsServer {
 
     fn write_config(&self) -> Result<PathBuf, NatsServerError> {
         let o = &self.options;
-        let port: i64 = if self.port == 0 { -1 } else { i64::from(self.port) };
+        let port: i64 = if self.port == 0 {
+            -1
+        } else {
+            i64::from(self.port)
+        };
         let mut js = format!("  store_dir: {:?}\n", o.store_dir.display().to_string());
         if o.sync_always {
             js.push_str("  sync_interval: always\n");
@@ -235,7 +242,10 @@ impl NatsServer {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = child.id();
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = child.try_wait() {

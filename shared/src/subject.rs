@@ -18,7 +18,9 @@ pub const DLQ_INGEST: &str = "dlq._ingest";
 /// Why a subject is not a well-formed event subject.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SubjectError {
-    #[error("subject `{subject}` has {tokens} tokens; expected events.<aggregate_type>.<aggregate_id>.<event_type>")]
+    #[error(
+        "subject `{subject}` has {tokens} tokens; expected events.<aggregate_type>.<aggregate_id>.<event_type>"
+    )]
     TokenCount { subject: String, tokens: usize },
     #[error("subject `{subject}` does not start with `events.`")]
     Prefix { subject: String },
@@ -209,12 +211,21 @@ mod tests {
 
     #[test]
     fn matches_patterns() {
-        assert!(pattern_matches("events.agent.*.ping", "events.agent.a1.ping"));
+        assert!(pattern_matches(
+            "events.agent.*.ping",
+            "events.agent.a1.ping"
+        ));
         assert!(pattern_matches("events.>", "events.agent.a1.ping"));
         assert!(pattern_matches("events.agent.>", "events.agent.a1.ping"));
-        assert!(!pattern_matches("events.agent.*.ping", "events.agent.a1.pong"));
+        assert!(!pattern_matches(
+            "events.agent.*.ping",
+            "events.agent.a1.pong"
+        ));
         assert!(!pattern_matches("events.agent.*", "events.agent.a1.ping"));
-        assert!(!pattern_matches("events.agent.a1.ping.x", "events.agent.a1.ping"));
+        assert!(!pattern_matches(
+            "events.agent.a1.ping.x",
+            "events.agent.a1.ping"
+        ));
         assert!(validate_pattern("events.agent.*.ping").is_ok());
         assert!(validate_pattern("events.>.ping").is_err());
         assert!(validate_pattern("tasks.x").is_err());

@@ -22,7 +22,14 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(handler: &str, handler_version: u32, event_seq: u64, partitions: u16, priority: Priority, event: EventEnvelope) -> Self {
+    pub fn new(
+        handler: &str,
+        handler_version: u32,
+        event_seq: u64,
+        partitions: u16,
+        priority: Priority,
+        event: EventEnvelope,
+    ) -> Self {
         Self {
             handler: handler.to_string(),
             handler_version,
@@ -47,7 +54,9 @@ impl Task {
     }
 
     pub fn to_json_bytes(&self) -> bytes::Bytes {
-        serde_json::to_vec(self).expect("a task always serializes").into()
+        serde_json::to_vec(self)
+            .expect("a task always serializes")
+            .into()
     }
 }
 

@@ -10,11 +10,11 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self};
 use futures::StreamExt;
+use grizzly_shared::Settings;
 use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
 use grizzly_shared::handler::load_handlers;
 use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
 use grizzly_shared::nats_server::NatsServer;
-use grizzly_shared::Settings;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +33,10 @@ impl LoggedEvent {
         self.subject.rsplit('.').next().unwrap_or("")
     }
     pub fn data(&self) -> serde_json::Value {
-        self.event.as_ref().map(|e| e.data.clone()).unwrap_or_default()
+        self.event
+            .as_ref()
+            .map(|e| e.data.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -76,7 +79,10 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts a fresh nats-server (fails loudly when it is not installed).
     pub async fn start() -> anyhow::Result<Self> {
-        grizzly_shared::telemetry::init("text");
+        // Logs only when asked for (GRIZZLY_LOG=debug cargo test ...): test output stays readable.
+        if std::env::var_os("GRIZZLY_LOG").is_some() {
+            grizzly_shared::telemetry::init("text");
+        }
         let server = NatsServer::start_temp()
             .await
             .context("a real nats-server is required (run scripts/install-tools.sh)")?;
@@ -131,7 +137,8 @@ impl TestEnv {
 
     pub async fn start_listener(&self) -> anyhow::Result<Component> {
         let nats = nats::connect(&self.settings.nats_url, "test-listener", false).await?;
-        let listener = grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers());
+        let listener =
+            grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers());
         Ok(spawn(|stop| listener.run(stop)))
     }
 
@@ -146,8 +153,17 @@ impl TestEnv {
     }
 
     /// Publishes a body with a plain JetStream publish (no envelope, no headers).
-    pub async fn publish_raw(&self, subject: &str, payload: impl Into<bytes::Bytes>) -> anyhow::Result<u64> {
-        let ack = self.nats.js.publish(subject.to_string(), payload.into()).await?.await?;
+    pub async fn publish_raw(
+        &self,
+        subject: &str,
+        payload: impl Into<bytes::Bytes>,
+    ) -> anyhow::Result<u64> {
+        let ack = self
+            .nats
+            .js
+            .publish(subject.to_string(), payload.into())
+            .await?
+            .await?;
         Ok(ack.sequence)
     }
 
@@ -198,7 +214,11 @@ impl EventWatcher {
     }
 
     /// Reads until `done(&seen)` holds; fails with what was seen when `deadline` passes.
-    pub async fn wait_until(&mut self, deadline: Duration, mut done: impl FnMut(&[LoggedEvent]) -> bool) -> anyhow::Result<&[LoggedEvent]> {
+    pub async fn wait_until(
+        &mut self,
+        deadline: Duration,
+        mut done: impl FnMut(&[LoggedEvent]) -> bool,
+    ) -> anyhow::Result<&[LoggedEvent]> {
         let until = tokio::time::Instant::now() + deadline;
         while !done(&self.seen) {
             let next = tokio::time::timeout_at(until, self.messages.next()).await;
@@ -225,7 +245,12 @@ impl EventWatcher {
                 Err(_) => bail!(
                     "deadline of {deadline:?} passed; saw {} messages; last ones: {:#?}",
                     self.seen.len(),
-                    self.seen.iter().rev().take(5).map(|e| (&e.subject, String::from_utf8_lossy(&e.payload))).collect::<Vec<_>>()
+                    self.seen
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .map(|e| (&e.subject, String::from_utf8_lossy(&e.payload)))
+                        .collect::<Vec<_>>()
                 ),
             }
         }
@@ -233,14 +258,25 @@ impl EventWatcher {
     }
 
     /// Waits until `n` messages of `event_type` have been seen and returns them.
-    pub async fn wait_for_type(&mut self, event_type: &str, n: usize, deadline: Duration) -> anyhow::Result<Vec<LoggedEvent>> {
-        self.wait_until(deadline, |seen| seen.iter().filter(|e| e.event_type() == event_type).count() >= n)
-            .await?;
+    pub async fn wait_for_type(
+        &mut self,
+        event_type: &str,
+        n: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<LoggedEvent>> {
+        self.wait_until(deadline, |seen| {
+            seen.iter().filter(|e| e.event_type() == event_type).count() >= n
+        })
+        .await?;
         Ok(self.of_type(event_type))
     }
 
     pub fn of_type(&self, event_type: &str) -> Vec<LoggedEvent> {
-        self.seen.iter().filter(|e| e.event_type() == event_type).cloned().collect()
+        self.seen
+            .iter()
+            .filter(|e| e.event_type() == event_type)
+            .cloned()
+            .collect()
     }
 }
 
@@ -257,7 +293,9 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub fn tool_path(name: &str) -> PathBuf {
     grizzly_shared::nats_server::find_in_tools_dir(name)
         .or_else(|| grizzly_shared::nats_server::find_on_path(name))
-        .unwrap_or_else(|| panic!("`{name}` is required by the tests: run `bash scripts/install-tools.sh`"))
+        .unwrap_or_else(|| {
+            panic!("`{name}` is required by the tests: run `bash scripts/install-tools.sh`")
+        })
 }
 
 /// A component running as a real child process (for crash tests): SIGKILL on drop.
@@ -267,19 +305,35 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     /// Starts a workspace binary with `GRIZZLY_*` settings taken from `settings`.
-    pub fn start(binary: &str, settings: &Settings, extra_env: &[(&str, String)]) -> anyhow::Result<Self> {
+    pub fn start(
+        binary: &str,
+        settings: &Settings,
+        extra_env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let path = bin_path(binary);
         if !path.exists() {
-            bail!("{} is missing: run `cargo build --workspace` before the tests", path.display());
+            bail!(
+                "{} is missing: run `cargo build --workspace` before the tests",
+                path.display()
+            );
         }
         let mut cmd = Command::new(&path);
         cmd.env("GRIZZLY_NATS_URL", &settings.nats_url)
             .env("GRIZZLY_HANDLERS_DIR", &settings.handlers_dir)
             .env("GRIZZLY_WORKFLOWS_DIR", &settings.workflows_dir)
             .env("GRIZZLY_PARTITIONS", settings.partitions.to_string())
-            .env("GRIZZLY_WORKER__LEASE_TTL", humantime::format_duration(settings.worker.lease_ttl).to_string())
-            .env("GRIZZLY_WORKER__ACK_WAIT", humantime::format_duration(settings.worker.ack_wait).to_string())
-            .env("GRIZZLY_LISTENER__ACK_WAIT", humantime::format_duration(settings.listener.ack_wait).to_string())
+            .env(
+                "GRIZZLY_WORKER__LEASE_TTL",
+                humantime::format_duration(settings.worker.lease_ttl).to_string(),
+            )
+            .env(
+                "GRIZZLY_WORKER__ACK_WAIT",
+                humantime::format_duration(settings.worker.ack_wait).to_string(),
+            )
+            .env(
+                "GRIZZLY_LISTENER__ACK_WAIT",
+                humantime::format_duration(settings.listener.ack_wait).to_string(),
+            )
             .env("GRIZZLY_WORKER__CLAUDE_BIN", &settings.worker.claude_bin)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -290,7 +344,9 @@ impl ChildProcess {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        Ok(Self { child: cmd.spawn()? })
+        Ok(Self {
+            child: cmd.spawn()?,
+        })
     }
 
     pub fn pid(&self) -> u32 {

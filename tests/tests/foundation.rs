@@ -37,7 +37,8 @@ fn succeeded_for(events: &[LoggedEvent], handler: &str) -> Vec<LoggedEvent> {
 }
 
 #[tokio::test]
-async fn raw_json_event_runs_an_exec_handler_and_records_outcome_and_emitted_event() -> anyhow::Result<()> {
+async fn raw_json_event_runs_an_exec_handler_and_records_outcome_and_emitted_event()
+-> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let script = env.write_script("pong.py", PONG_SCRIPT);
     env.write_handler(
@@ -50,10 +51,14 @@ async fn raw_json_event_runs_an_exec_handler_and_records_outcome_and_emitted_eve
 
     // A plain client: no envelope, no headers.
     let plain = async_nats::connect(env.settings.nats_url.clone()).await?;
-    plain.publish("events.agent.a1.ping", r#"{"x":1}"#.into()).await?;
+    plain
+        .publish("events.agent.a1.ping", r#"{"x":1}"#.into())
+        .await?;
     plain.flush().await?;
 
-    watch.wait_for_type("handler_succeeded", 1, DEADLINE).await?;
+    watch
+        .wait_for_type("handler_succeeded", 1, DEADLINE)
+        .await?;
     watch.wait_for_type("pong", 1, DEADLINE).await?;
     let ping = watch.of_type("ping").remove(0).event.expect("ping parsed");
     let outcome = watch.of_type("handler_succeeded").remove(0);
@@ -65,14 +70,22 @@ async fn raw_json_event_runs_an_exec_handler_and_records_outcome_and_emitted_eve
     assert_eq!(data["event_id"], json!(ping.id));
     assert_eq!(data["attempt"], 1);
     assert!(data["duration_ms"].is_u64());
-    assert!(data["output"].as_str().unwrap().contains(&format!("handling {}", ping.id)));
+    assert!(
+        data["output"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("handling {}", ping.id))
+    );
     let outcome = outcome.event.unwrap();
     assert_eq!(outcome.causationid.as_deref(), Some(ping.id.as_str()));
     assert_eq!(pong.subject, "events.agent.a1.pong");
     let pong_event = pong.event.unwrap();
     assert_eq!(pong_event.data, json!({"got": {"x": 1}}));
     assert_eq!(pong_event.causationid.as_deref(), Some(ping.id.as_str()));
-    assert_eq!(pong_event.correlationid.as_deref(), Some(ping.correlation_id()));
+    assert_eq!(
+        pong_event.correlationid.as_deref(),
+        Some(ping.correlation_id())
+    );
     assert_eq!(data["emitted"], json!([pong_event.id]));
     // The emitted event comes before the outcome that reports it.
     assert!(watch.of_type("pong")[0].seq < watch.of_type("handler_succeeded")[0].seq);
@@ -91,16 +104,30 @@ async fn a_process_handler_serves_many_events_with_one_process() -> anyhow::Resu
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     for i in 0..40 {
-        env.publish_raw(&format!("events.agent.p{}.job", i % 5), json!({"n": i}).to_string()).await?;
+        env.publish_raw(
+            &format!("events.agent.p{}.job", i % 5),
+            json!({"n": i}).to_string(),
+        )
+        .await?;
     }
-    let outcomes = watch.wait_for_type("handler_succeeded", 40, DEADLINE).await?;
-    let pids: HashSet<u64> = outcomes.iter().map(|o| o.data()["output"]["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids.len(), 1, "one persistent process served every event: {pids:?}");
+    let outcomes = watch
+        .wait_for_type("handler_succeeded", 40, DEADLINE)
+        .await?;
+    let pids: HashSet<u64> = outcomes
+        .iter()
+        .map(|o| o.data()["output"]["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one persistent process served every event: {pids:?}"
+    );
     Ok(())
 }
 
 #[tokio::test]
-async fn a_thousand_events_over_fifty_aggregates_are_handled_once_each_in_log_order() -> anyhow::Result<()> {
+async fn a_thousand_events_over_fifty_aggregates_are_handled_once_each_in_log_order()
+-> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let script = env.write_script("echo.py", ECHO_PROCESS);
     env.write_handler(
@@ -113,11 +140,16 @@ async fn a_thousand_events_over_fifty_aggregates_are_handled_once_each_in_log_or
     for i in 0..1000 {
         env.nats
             .js
-            .publish(format!("events.agent.agg{}.job", i % 50), json!({"n": i}).to_string().into())
+            .publish(
+                format!("events.agent.agg{}.job", i % 50),
+                json!({"n": i}).to_string().into(),
+            )
             .await?;
     }
     env.nats.js.wait_for_acks().await;
-    watch.wait_for_type("handler_succeeded", 1000, Duration::from_secs(120)).await?;
+    watch
+        .wait_for_type("handler_succeeded", 1000, Duration::from_secs(120))
+        .await?;
     let all = watch.seen.clone();
     check_exactly_once_in_order(&all, "echo", 1000);
     Ok(())
@@ -145,7 +177,10 @@ fn check_exactly_once_in_order(all: &[LoggedEvent], handler: &str, expected: usi
         per_aggregate.entry(agg).or_default().push(jobs[&cause]);
     }
     assert_eq!(per_event.len(), expected, "every event handled");
-    assert!(per_event.values().all(|&c| c == 1), "no event handled twice");
+    assert!(
+        per_event.values().all(|&c| c == 1),
+        "no event handled twice"
+    );
     for (agg, ns) in per_aggregate {
         let mut sorted = ns.clone();
         sorted.sort();
@@ -167,74 +202,137 @@ async fn a_worker_killed_mid_run_loses_nothing() -> anyhow::Result<()> {
     for i in 0..400 {
         env.nats
             .js
-            .publish(format!("events.agent.k{}.job", i % 20), json!({"n": i}).to_string().into())
+            .publish(
+                format!("events.agent.k{}.job", i % 20),
+                json!({"n": i}).to_string().into(),
+            )
             .await?;
     }
     env.nats.js.wait_for_acks().await;
-    watch.wait_for_type("handler_succeeded", 50, DEADLINE).await?;
+    watch
+        .wait_for_type("handler_succeeded", 50, DEADLINE)
+        .await?;
     worker.kill();
     let handled_before = watch.of_type("handler_succeeded").len();
     let _replacement = ChildProcess::start("grizzly-worker", &env.settings, &[])?;
-    watch.wait_until(Duration::from_secs(120), |seen| {
-        let ids: HashSet<_> = seen
-            .iter()
-            .filter(|e| e.event_type() == "handler_succeeded")
-            .map(|e| e.data()["event_id"].as_str().unwrap_or_default().to_string())
-            .collect();
-        ids.len() >= 400
-    })
-    .await?;
-    assert!(handled_before < 400, "the kill happened mid-run ({handled_before} done)");
+    watch
+        .wait_until(Duration::from_secs(120), |seen| {
+            let ids: HashSet<_> = seen
+                .iter()
+                .filter(|e| e.event_type() == "handler_succeeded")
+                .map(|e| {
+                    e.data()["event_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            ids.len() >= 400
+        })
+        .await?;
+    assert!(
+        handled_before < 400,
+        "the kill happened mid-run ({handled_before} done)"
+    );
     let all = watch.seen.clone();
     check_exactly_once_in_order(&all, "echo", 400);
     Ok(())
 }
 
 #[tokio::test]
-async fn bad_input_is_dead_lettered_with_the_reason_and_good_events_are_unaffected() -> anyhow::Result<()> {
+async fn bad_input_is_dead_lettered_with_the_reason_and_good_events_are_unaffected()
+-> anyhow::Result<()> {
     let mut env = TestEnv::start().await?;
     env.settings.max_event_bytes = 1024;
     let script = env.write_script("echo.py", ECHO_PROCESS);
     env.write_handler(
         "echo",
-        &format!("name: echo\non: [\"events.>\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\n", script.display()),
+        &format!(
+            "name: echo\non: [\"events.>\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\n",
+            script.display()
+        ),
     );
     let _listener = env.start_listener().await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     let mut dlq = env.watch_dlq().await?;
 
-    env.publish_raw("events.agent.g1.job", json!({"n": 1}).to_string()).await?;
-    env.publish_raw("events.agent.b1.job", "this is not json").await?;
-    env.publish_raw("events.agent.g1.job", json!({"n": 2}).to_string()).await?;
+    env.publish_raw("events.agent.g1.job", json!({"n": 1}).to_string())
+        .await?;
+    env.publish_raw("events.agent.b1.job", "this is not json")
+        .await?;
+    env.publish_raw("events.agent.g1.job", json!({"n": 2}).to_string())
+        .await?;
     env.publish_raw("events.agent.short", "{}").await?;
     env.publish_raw("events.agent.b2.job.extra", "{}").await?;
-    env.publish_raw("events.agent.b3.job", format!("{{\"pad\":\"{}\"}}", "x".repeat(2000))).await?;
+    env.publish_raw(
+        "events.agent.b3.job",
+        format!("{{\"pad\":\"{}\"}}", "x".repeat(2000)),
+    )
+    .await?;
     env.publish_raw(
         "events.agent.b4.job",
         json!({"specversion": "1.0", "type": "other", "id": "x", "source": "t"}).to_string(),
     )
     .await?;
-    env.publish_raw("events.agent.g1.job", json!({"n": 3}).to_string()).await?;
+    env.publish_raw("events.agent.g1.job", json!({"n": 3}).to_string())
+        .await?;
 
-    let dead = dlq.wait_until(DEADLINE, |seen| seen.len() >= 5).await?.to_vec();
-    let records: Vec<serde_json::Value> = dead.iter().map(|d| serde_json::from_slice(&d.payload).unwrap()).collect();
+    let dead = dlq
+        .wait_until(DEADLINE, |seen| seen.len() >= 5)
+        .await?
+        .to_vec();
+    let records: Vec<serde_json::Value> = dead
+        .iter()
+        .map(|d| serde_json::from_slice(&d.payload).unwrap())
+        .collect();
     assert!(dead.iter().all(|d| d.subject == "dlq._ingest"));
-    let by_subject: HashMap<&str, &serde_json::Value> =
-        records.iter().map(|r| (r["original_subject"].as_str().unwrap(), r)).collect();
+    let by_subject: HashMap<&str, &serde_json::Value> = records
+        .iter()
+        .map(|r| (r["original_subject"].as_str().unwrap(), r))
+        .collect();
     assert_eq!(by_subject["events.agent.b1.job"]["kind"], "not_json");
-    assert_eq!(by_subject["events.agent.b1.job"]["original_payload"], "this is not json");
-    assert!(by_subject["events.agent.b1.job"]["error"].as_str().unwrap().contains("events.agent.b1.job"));
+    assert_eq!(
+        by_subject["events.agent.b1.job"]["original_payload"],
+        "this is not json"
+    );
+    assert!(
+        by_subject["events.agent.b1.job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("events.agent.b1.job")
+    );
     assert_eq!(by_subject["events.agent.short"]["kind"], "bad_subject");
-    assert!(by_subject["events.agent.short"]["error"].as_str().unwrap().contains("3 tokens"));
-    assert_eq!(by_subject["events.agent.b2.job.extra"]["kind"], "bad_subject");
+    assert!(
+        by_subject["events.agent.short"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("3 tokens")
+    );
+    assert_eq!(
+        by_subject["events.agent.b2.job.extra"]["kind"],
+        "bad_subject"
+    );
     assert_eq!(by_subject["events.agent.b3.job"]["kind"], "oversized");
-    assert!(by_subject["events.agent.b3.job"]["error"].as_str().unwrap().contains("1024"));
-    assert_eq!(by_subject["events.agent.b4.job"]["kind"], "invalid_cloudevent");
+    assert!(
+        by_subject["events.agent.b3.job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("1024")
+    );
+    assert_eq!(
+        by_subject["events.agent.b4.job"]["kind"],
+        "invalid_cloudevent"
+    );
 
     // The good events around them are all handled, in order.
-    let outcomes = watch.wait_for_type("handler_succeeded", 3, DEADLINE).await?;
-    let ns: Vec<i64> = outcomes.iter().map(|o| o.data()["output"]["n"].as_i64().unwrap()).collect();
+    let outcomes = watch
+        .wait_for_type("handler_succeeded", 3, DEADLINE)
+        .await?;
+    let ns: Vec<i64> = outcomes
+        .iter()
+        .map(|o| o.data()["output"]["n"].as_i64().unwrap())
+        .collect();
     assert_eq!(ns, vec![1, 2, 3]);
     Ok(())
 }
@@ -254,8 +352,10 @@ async fn a_failing_handler_retries_then_dead_letters_with_its_history() -> anyho
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     let mut dlq = env.watch_dlq().await?;
-    env.publish_raw("events.agent.f1.job", json!({"fail": true}).to_string()).await?;
-    env.publish_raw("events.agent.f1.job", json!({"n": 7}).to_string()).await?;
+    env.publish_raw("events.agent.f1.job", json!({"fail": true}).to_string())
+        .await?;
+    env.publish_raw("events.agent.f1.job", json!({"n": 7}).to_string())
+        .await?;
     let dead = dlq.wait_until(DEADLINE, |seen| !seen.is_empty()).await?[0].clone();
     assert_eq!(dead.subject, "dlq.echo");
     let record: serde_json::Value = serde_json::from_slice(&dead.payload)?;
@@ -264,11 +364,16 @@ async fn a_failing_handler_retries_then_dead_letters_with_its_history() -> anyho
     assert!(record["error"].as_str().unwrap().contains("asked to fail"));
     assert_eq!(record["event"]["data"], json!({"fail": true}));
     let failed = watch.wait_for_type("handler_failed", 3, DEADLINE).await?;
-    let attempts: Vec<u64> = failed.iter().map(|f| f.data()["attempt"].as_u64().unwrap()).collect();
+    let attempts: Vec<u64> = failed
+        .iter()
+        .map(|f| f.data()["attempt"].as_u64().unwrap())
+        .collect();
     assert_eq!(attempts, vec![1, 2, 3]);
     assert_eq!(failed[2].data()["dead_lettered"], true);
     // The next event of the same aggregate waited for the failing one, then ran.
-    let ok = watch.wait_for_type("handler_succeeded", 1, DEADLINE).await?;
+    let ok = watch
+        .wait_for_type("handler_succeeded", 1, DEADLINE)
+        .await?;
     assert_eq!(ok[0].data()["output"]["n"], 7);
     assert!(ok[0].seq > failed[2].seq);
     Ok(())

@@ -88,11 +88,21 @@ impl Breaker {
         };
         let (next, transition) = match (*state, success) {
             (BreakerState::Closed { .. }, true) => (BreakerState::Closed { failures: 0 }, None),
-            (BreakerState::Closed { failures }, false) if failures + 1 >= self.policy.failure_threshold => {
+            (BreakerState::Closed { failures }, false)
+                if failures + 1 >= self.policy.failure_threshold =>
+            {
                 (open, Some(Transition::Opened))
             }
-            (BreakerState::Closed { failures }, false) => (BreakerState::Closed { failures: failures + 1 }, None),
-            (BreakerState::HalfOpen { .. }, true) => (BreakerState::Closed { failures: 0 }, Some(Transition::Closed)),
+            (BreakerState::Closed { failures }, false) => (
+                BreakerState::Closed {
+                    failures: failures + 1,
+                },
+                None,
+            ),
+            (BreakerState::HalfOpen { .. }, true) => (
+                BreakerState::Closed { failures: 0 },
+                Some(Transition::Closed),
+            ),
             (BreakerState::HalfOpen { .. }, false) => (open, Some(Transition::Opened)),
             // Results of calls admitted before the breaker opened change nothing.
             (s @ BreakerState::Open { .. }, _) => (s, None),
@@ -121,7 +131,9 @@ mod tests {
         assert_eq!(b.record(false), Some(Transition::Opened));
         assert_eq!(b.state().name(), "open");
         // admit waits for the open period, then lets one probe through.
-        tokio::time::timeout(Duration::from_secs(2), b.admit()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), b.admit())
+            .await
+            .unwrap();
         assert_eq!(b.state().name(), "half_open");
         assert_eq!(b.record(true), Some(Transition::Closed));
         assert_eq!(b.state().name(), "closed");
@@ -134,7 +146,9 @@ mod tests {
             open_for: Duration::from_millis(20),
         });
         assert_eq!(b.record(false), Some(Transition::Opened));
-        tokio::time::timeout(Duration::from_secs(2), b.admit()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), b.admit())
+            .await
+            .unwrap();
         assert_eq!(b.record(false), Some(Transition::Opened));
         assert_eq!(b.state().name(), "open");
     }

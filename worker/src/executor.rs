@@ -49,7 +49,12 @@ pub struct ExecutionEnv {
 }
 
 /// Runs `task` (delivered as `msg`) to a durable outcome, then acks it.
-pub async fn execute(ctx: &HandlerContext, env: &ExecutionEnv, msg: jetstream::Message, task: Task) {
+pub async fn execute(
+    ctx: &HandlerContext,
+    env: &ExecutionEnv,
+    msg: jetstream::Message,
+    task: Task,
+) {
     let progress = {
         // Keep the broker from redelivering while we wait for a slot, the breaker, or the handler.
         let msg = msg.clone();
@@ -81,7 +86,12 @@ pub async fn execute(ctx: &HandlerContext, env: &ExecutionEnv, msg: jetstream::M
             timeout: spec.timeout,
         };
         // Safety net above the runtime's own deadline handling.
-        let outcome = match tokio::time::timeout(spec.timeout + Duration::from_secs(15), ctx.runtime.invoke(invocation)).await {
+        let outcome = match tokio::time::timeout(
+            spec.timeout + Duration::from_secs(15),
+            ctx.runtime.invoke(invocation),
+        )
+        .await
+        {
             Ok(outcome) => outcome,
             Err(_) => Err(InvokeError::Timeout(spec.timeout)),
         };
@@ -109,11 +119,30 @@ pub async fn execute(ctx: &HandlerContext, env: &ExecutionEnv, msg: jetstream::M
                     error: error.to_string(),
                     at: now_rfc3339(),
                 });
-                write_failure(ctx, env, &task, delivery, attempt, duration_ms, &error, will_retry).await;
+                write_failure(
+                    ctx,
+                    env,
+                    &task,
+                    delivery,
+                    attempt,
+                    duration_ms,
+                    &error,
+                    will_retry,
+                )
+                .await;
                 if will_retry {
                     tokio::time::sleep(delays.next().unwrap_or(spec.retry.max_backoff)).await;
                 } else {
-                    write_dead_letter(ctx, env, &msg, &task, delivery, &error, std::mem::take(&mut history)).await;
+                    write_dead_letter(
+                        ctx,
+                        env,
+                        &msg,
+                        &task,
+                        delivery,
+                        &error,
+                        std::mem::take(&mut history),
+                    )
+                    .await;
                 }
             }
         }
@@ -129,7 +158,11 @@ fn source(ctx: &HandlerContext) -> String {
 }
 
 /// Turns the events a handler asked for into envelopes; an invalid one fails the attempt.
-fn emitted_envelopes(ctx: &HandlerContext, task: &Task, result: &HandlerResult) -> Result<Vec<EventEnvelope>, String> {
+fn emitted_envelopes(
+    ctx: &HandlerContext,
+    task: &Task,
+    result: &HandlerResult,
+) -> Result<Vec<EventEnvelope>, String> {
     let cause = &task.event;
     result
         .emitted
@@ -142,25 +175,41 @@ fn emitted_envelopes(ctx: &HandlerContext, task: &Task, result: &HandlerResult) 
                 &e.event_type,
             )
             .map_err(|err| format!("emitted event #{i} is invalid: {err}"))?;
-            Ok(cause.caused(&subject, &source(ctx), e.data.clone(), &[ctx.name(), "emit", &i.to_string()]))
+            Ok(cause.caused(
+                &subject,
+                &source(ctx),
+                e.data.clone(),
+                &[ctx.name(), "emit", &i.to_string()],
+            ))
         })
         .collect()
 }
 
 fn outcome_subject(task: &Task, event_type: &str) -> EventSubject {
-    EventSubject::new(&task.event.aggregatetype, &task.event.aggregateid, event_type)
-        .expect("the handled event's aggregate is valid")
+    EventSubject::new(
+        &task.event.aggregatetype,
+        &task.event.aggregateid,
+        event_type,
+    )
+    .expect("the handled event's aggregate is valid")
 }
 
 /// Publishes envelopes pipelined (all issued, then all confirmed), preserving their order.
 async fn publish_events(nats: &Nats, events: &[EventEnvelope]) {
     let mut issued = Vec::with_capacity(events.len());
     for event in events {
-        let subject = event.subject().expect("built from a valid subject").to_string();
+        let subject = event
+            .subject()
+            .expect("built from a valid subject")
+            .to_string();
         let publish = PublishMessage::build()
             .payload(event.to_json_bytes())
             .headers(event.headers());
-        let first = nats.js.send_publish(subject.clone(), publish.clone()).await.ok();
+        let first = nats
+            .js
+            .send_publish(subject.clone(), publish.clone())
+            .await
+            .ok();
         issued.push((subject, publish, first));
     }
     for (subject, publish, first) in issued {
@@ -229,7 +278,12 @@ async fn write_failure(
         &outcome_subject(task, "handler_failed"),
         &source(ctx),
         data,
-        &[ctx.name(), "failed", &delivery.to_string(), &attempt.to_string()],
+        &[
+            ctx.name(),
+            "failed",
+            &delivery.to_string(),
+            &attempt.to_string(),
+        ],
     );
     publish_events(&env.nats, &[outcome]).await;
 }
@@ -250,7 +304,11 @@ async fn write_dead_letter(
         error: error.to_string(),
         attempts: history.len() as u32,
         history,
-        original_subject: task.event.subject().map(|s| s.to_string()).unwrap_or_default(),
+        original_subject: task
+            .event
+            .subject()
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
         original_headers: headers_to_map(msg.headers.as_ref()),
         original_payload: None,
         original_payload_base64: None,
@@ -267,14 +325,21 @@ async fn write_dead_letter(
 }
 
 /// Breaker changes are events on the System aggregate, so operators see them in the log.
-async fn note_transition(ctx: &HandlerContext, env: &ExecutionEnv, task: &Task, transition: Option<Transition>) {
+async fn note_transition(
+    ctx: &HandlerContext,
+    env: &ExecutionEnv,
+    task: &Task,
+    transition: Option<Transition>,
+) {
     let Some(transition) = transition else { return };
     let event_type = match transition {
         Transition::Opened => "breaker_opened",
         Transition::Closed => "breaker_closed",
     };
     warn!(handler = %ctx.name(), "circuit breaker {event_type}");
-    let Ok(subject) = EventSubject::new("system", ctx.name(), event_type) else { return };
+    let Ok(subject) = EventSubject::new("system", ctx.name(), event_type) else {
+        return;
+    };
     let event = task.event.caused(
         &subject,
         &source(ctx),

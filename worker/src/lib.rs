@@ -22,9 +22,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
+use grizzly_shared::Settings;
 use grizzly_shared::handler::{HandlerKind, LoadedHandler};
 use grizzly_shared::nats::{self, Nats};
-use grizzly_shared::Settings;
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -37,7 +37,10 @@ use crate::partition::PartitionRunner;
 use crate::runtime::Runtime;
 
 /// Builds the runtime for a handler's `kind`.
-pub fn runtime_for(handler: &LoadedHandler, settings: &Settings) -> anyhow::Result<Arc<dyn Runtime>> {
+pub fn runtime_for(
+    handler: &LoadedHandler,
+    settings: &Settings,
+) -> anyhow::Result<Arc<dyn Runtime>> {
     Ok(match handler.spec.kind {
         HandlerKind::Exec => Arc::new(runtime::exec::ExecRuntime::new(&handler.spec)),
         HandlerKind::Process => Arc::new(runtime::process::ProcessRuntime::new(&handler.spec)),
@@ -67,7 +70,8 @@ impl Worker {
             .iter()
             .map(|h| {
                 Ok(Arc::new(HandlerContext {
-                    runtime: runtime_for(h, &settings).with_context(|| format!("handler {}", h.spec.name))?,
+                    runtime: runtime_for(h, &settings)
+                        .with_context(|| format!("handler {}", h.spec.name))?,
                     breaker: Breaker::new(h.spec.breaker.clone()),
                     limit: Arc::new(Semaphore::new(h.spec.concurrency)),
                     handler: h.clone(),
@@ -88,16 +92,25 @@ impl Worker {
 
     /// Runtime state per handler (pool sizes, breaker).
     pub fn state(&self) -> serde_json::Value {
-        json!(self
-            .handlers
-            .iter()
-            .map(|h| (h.name().to_string(), json!({"breaker": h.breaker.state().name(), "runtime": h.runtime.state()})))
-            .collect::<serde_json::Map<_, _>>())
+        json!(
+            self.handlers
+                .iter()
+                .map(|h| (
+                    h.name().to_string(),
+                    json!({"breaker": h.breaker.state().name(), "runtime": h.runtime.state()})
+                ))
+                .collect::<serde_json::Map<_, _>>()
+        )
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
-        let leases = nats::ensure_lease_bucket(&self.nats.js, self.settings.worker.lease_ttl, self.settings.streams.replicas).await?;
+        let leases = nats::ensure_lease_bucket(
+            &self.nats.js,
+            self.settings.worker.lease_ttl,
+            self.settings.streams.replicas,
+        )
+        .await?;
         let env = ExecutionEnv {
             nats: self.nats.clone(),
             worker_id: self.id.clone(),
@@ -128,7 +141,10 @@ impl Worker {
                 let _ = leases.delete(lease_key(&handler, partition)).await;
             }
         };
-        if tokio::time::timeout(self.settings.worker.drain_timeout, drain).await.is_err() {
+        if tokio::time::timeout(self.settings.worker.drain_timeout, drain)
+            .await
+            .is_err()
+        {
             warn!("drain deadline passed; unfinished tasks will be redelivered");
         }
         let _ = leases.delete(format!("worker.{}", self.id)).await;
@@ -140,17 +156,32 @@ impl Worker {
     }
 
     /// One lease round: heartbeat, renew, release surplus, claim up to the fair share.
-    async fn balance(&self, leases: &kv::Store, env: &ExecutionEnv, owned: &mut HashMap<(String, u16), Owned>) -> anyhow::Result<()> {
+    async fn balance(
+        &self,
+        leases: &kv::Store,
+        env: &ExecutionEnv,
+        owned: &mut HashMap<(String, u16), Owned>,
+    ) -> anyhow::Result<()> {
         let names: Vec<&str> = self.handlers.iter().map(|h| h.name()).collect();
         leases
-            .put(format!("worker.{}", self.id), serde_json::to_vec(&json!({"handlers": names}))?.into())
+            .put(
+                format!("worker.{}", self.id),
+                serde_json::to_vec(&json!({"handlers": names}))?.into(),
+            )
             .await?;
         let live = self.live_workers(leases).await?;
 
         // Renew; a failed renewal means someone else owns it now: stop at once.
         let mut lost = Vec::new();
         for ((handler, partition), o) in owned.iter_mut() {
-            match leases.update(lease_key(handler, *partition), self.id.clone().into(), o.revision).await {
+            match leases
+                .update(
+                    lease_key(handler, *partition),
+                    self.id.clone().into(),
+                    o.revision,
+                )
+                .await
+            {
                 Ok(rev) => o.revision = rev,
                 Err(e) => {
                     warn!(%handler, partition, error = %e, "lease lost");
@@ -186,7 +217,10 @@ impl Worker {
             if mine.len() > fair {
                 for partition in mine.iter().skip(fair) {
                     if let Some(o) = owned.get_mut(&(name.to_string(), *partition)) {
-                        info!(handler = name, partition, "releasing partition to rebalance");
+                        info!(
+                            handler = name,
+                            partition, "releasing partition to rebalance"
+                        );
                         o.releasing = true;
                         o.stop.cancel();
                     }
@@ -201,7 +235,10 @@ impl Worker {
                 if owned.contains_key(&(name.to_string(), partition)) {
                     continue;
                 }
-                if let Ok(revision) = leases.create(lease_key(name, partition), self.id.clone().into()).await {
+                if let Ok(revision) = leases
+                    .create(lease_key(name, partition), self.id.clone().into())
+                    .await
+                {
                     let stop = CancellationToken::new();
                     let runner = PartitionRunner {
                         ctx: ctx.clone(),
@@ -210,7 +247,15 @@ impl Worker {
                         max_ack_pending: self.settings.worker.max_ack_pending,
                     };
                     let task = tokio::spawn(runner.run(stop.clone()));
-                    owned.insert((name.to_string(), partition), Owned { revision, stop, task, releasing: false });
+                    owned.insert(
+                        (name.to_string(), partition),
+                        Owned {
+                            revision,
+                            stop,
+                            task,
+                            releasing: false,
+                        },
+                    );
                     have += 1;
                 }
             }
@@ -247,7 +292,13 @@ fn lease_key(handler: &str, partition: u16) -> String {
 /// KV keys allow `[-/_=.a-zA-Z0-9]`.
 fn sanitize(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

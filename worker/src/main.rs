@@ -7,7 +7,11 @@ use grizzly_shared::config::ComponentArgs;
 use grizzly_shared::{handler, nats, shutdown, telemetry};
 
 #[derive(Parser)]
-#[command(name = "grizzly-worker", version, about = "Grizzly worker: runs handlers")]
+#[command(
+    name = "grizzly-worker",
+    version,
+    about = "Grizzly worker: runs handlers"
+)]
 struct Cli {
     #[command(flatten)]
     args: ComponentArgs,

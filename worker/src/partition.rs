@@ -43,7 +43,11 @@ impl PartitionRunner {
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some(name),
-                description: Some(format!("tasks of handler {} partition {}", self.ctx.name(), self.partition)),
+                description: Some(format!(
+                    "tasks of handler {} partition {}",
+                    self.ctx.name(),
+                    self.partition
+                )),
                 filter_subject: task_subject(self.ctx.name(), self.partition),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::Explicit,
@@ -165,7 +169,9 @@ impl PartitionRunner {
         running: &mut FuturesUnordered<BoxFuture<'static, String>>,
         finished_one: bool,
     ) {
-        let Some(queue) = queues.get_mut(key) else { return };
+        let Some(queue) = queues.get_mut(key) else {
+            return;
+        };
         if finished_one {
             queue.pop_front();
         }

@@ -188,20 +188,26 @@ impl<I: Instance> Pool<I> {
 
     /// Returns an instance after a task. `healthy = false` (crash, timeout, protocol error)
     /// replaces it.
-    pub async fn checkin(&self, mut lease: Lease<I>, healthy: bool) {
+    pub async fn checkin(&self, lease: Lease<I>, healthy: bool) {
+        let Lease {
+            mut instance,
+            _permit: permit,
+            ..
+        } = lease;
         self.inner.busy.fetch_sub(1, Ordering::SeqCst);
         let closed = self.inner.closed.load(Ordering::SeqCst);
-        if healthy && !closed && lease.instance.is_alive() && !lease.instance.needs_recycle() {
+        if healthy && !closed && instance.is_alive() && !instance.needs_recycle() {
             self.inner.idle.lock().await.push(Idle {
-                instance: lease.instance,
+                instance,
                 since: Instant::now(),
             });
             return;
         }
-        let recycled = healthy && lease.instance.is_alive();
-        self.discard(lease.instance, recycled).await;
+        let recycled = healthy && instance.is_alive();
+        self.discard(instance, recycled).await;
+        drop(permit);
         if !closed {
-            self.refill().await;
+            self.refill();
         }
     }
 
@@ -215,11 +221,15 @@ impl<I: Instance> Pool<I> {
         tokio::spawn(instance.stop());
     }
 
-    /// Keeps at least `min` instances (a replacement starts in the background).
-    async fn refill(&self) {
+    /// Keeps at least `min` instances: a replacement starts in the background, holding a slot
+    /// while it starts so the pool never exceeds `max` (no free slot: demand will spawn instead).
+    fn refill(&self) {
         if self.inner.size.load(Ordering::SeqCst) >= self.inner.min {
             return;
         }
+        let Ok(slot) = self.inner.permits.clone().try_acquire_owned() else {
+            return;
+        };
         let pool = self.clone();
         tokio::spawn(async move {
             if let Some(instance) = pool.spawn().await {
@@ -228,6 +238,7 @@ impl<I: Instance> Pool<I> {
                     since: Instant::now(),
                 });
             }
+            drop(slot);
         });
     }
 
@@ -240,7 +251,8 @@ impl<I: Instance> Pool<I> {
                 let mut idle = self.inner.idle.lock().await;
                 let mut i = 0;
                 while i < idle.len() {
-                    let over_min = self.inner.size.load(Ordering::SeqCst) - expired.len() > self.inner.min;
+                    let over_min =
+                        self.inner.size.load(Ordering::SeqCst) - expired.len() > self.inner.min;
                     if over_min && idle[i].since.elapsed() > self.inner.idle_timeout {
                         expired.push(idle.remove(i).instance);
                     } else {

@@ -89,7 +89,10 @@ pub fn tail(text: &str) -> String {
 }
 
 impl Runtime for ExecRuntime {
-    fn invoke<'a>(&'a self, invocation: Invocation<'a>) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
+    fn invoke<'a>(
+        &'a self,
+        invocation: Invocation<'a>,
+    ) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
         Box::pin(async move {
             // Dropping the future on timeout kills the child (kill_on_drop).
             match tokio::time::timeout(invocation.timeout, self.run(&invocation)).await {

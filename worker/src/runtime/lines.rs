@@ -34,8 +34,14 @@ pub fn parse_line(line: &str) -> OutputLine {
         Some(event_type) => OutputLine::Event(EmittedEvent {
             event_type: event_type.to_string(),
             data: obj.get("data").cloned().unwrap_or(Value::Null),
-            aggregate_type: obj.get("aggregate_type").and_then(Value::as_str).map(str::to_string),
-            aggregate_id: obj.get("aggregate_id").and_then(Value::as_str).map(str::to_string),
+            aggregate_type: obj
+                .get("aggregate_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            aggregate_id: obj
+                .get("aggregate_id")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         }),
         None => OutputLine::Text(line.to_string()),
     }
@@ -78,10 +84,21 @@ mod tests {
 
     #[test]
     fn classifies_lines() {
-        assert!(matches!(parse_line(r#"{"type":"pong","data":{"n":1}}"#), OutputLine::Event(e) if e.event_type == "pong" && e.data == json!({"n":1})));
-        assert_eq!(parse_line(r#"{"done":true,"output":"x"}"#), OutputLine::Done(Ok(json!("x"))));
-        assert_eq!(parse_line(r#"{"done":true,"error":"bad"}"#), OutputLine::Done(Err("bad".into())));
+        assert!(
+            matches!(parse_line(r#"{"type":"pong","data":{"n":1}}"#), OutputLine::Event(e) if e.event_type == "pong" && e.data == json!({"n":1}))
+        );
+        assert_eq!(
+            parse_line(r#"{"done":true,"output":"x"}"#),
+            OutputLine::Done(Ok(json!("x")))
+        );
+        assert_eq!(
+            parse_line(r#"{"done":true,"error":"bad"}"#),
+            OutputLine::Done(Err("bad".into()))
+        );
         assert_eq!(parse_line("hello"), OutputLine::Text("hello".into()));
-        assert_eq!(parse_line(r#"{"no_type":1}"#), OutputLine::Text(r#"{"no_type":1}"#.into()));
+        assert_eq!(
+            parse_line(r#"{"no_type":1}"#),
+            OutputLine::Text(r#"{"no_type":1}"#.into())
+        );
     }
 }

@@ -72,7 +72,10 @@ impl InvokeError {
 /// A handler runtime. Implementations bound their own concurrency (pools) and honour
 /// `Invocation::timeout`.
 pub trait Runtime: Send + Sync + 'static {
-    fn invoke<'a>(&'a self, invocation: Invocation<'a>) -> BoxFuture<'a, Result<HandlerResult, InvokeError>>;
+    fn invoke<'a>(
+        &'a self,
+        invocation: Invocation<'a>,
+    ) -> BoxFuture<'a, Result<HandlerResult, InvokeError>>;
 
     /// Pool/runtime state for `grizzly handler list` and metrics.
     fn state(&self) -> Value {

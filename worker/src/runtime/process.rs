@@ -29,7 +29,11 @@ pub struct ProcessInstance {
 }
 
 impl ProcessInstance {
-    async fn start(command: Vec<String>, env: BTreeMap<String, String>, max_turns: u32) -> Result<Self, String> {
+    async fn start(
+        command: Vec<String>,
+        env: BTreeMap<String, String>,
+        max_turns: u32,
+    ) -> Result<Self, String> {
         let (program, args) = command.split_first().ok_or("empty command")?;
         let mut child = Command::new(program)
             .args(args)
@@ -72,7 +76,11 @@ impl ProcessInstance {
                     OutputLine::Event(e) => result.emitted.push(e),
                     OutputLine::Text(t) => text.push(&t),
                     OutputLine::Done(Ok(output)) => {
-                        result.output = if output.is_null() { text.into_value() } else { output };
+                        result.output = if output.is_null() {
+                            text.into_value()
+                        } else {
+                            output
+                        };
                         return Ok(result);
                     }
                     OutputLine::Done(Err(error)) => return Err(InvokeError::Failed(error)),
@@ -106,7 +114,10 @@ impl Instance for ProcessInstance {
         Box::pin(async move {
             // Closing stdin asks a well-behaved process to exit; force after a grace period.
             drop(self.stdin);
-            if tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = self.child.kill().await;
             }
         })
@@ -128,7 +139,12 @@ impl ProcessRuntime {
             Box::pin(ProcessInstance::start(command, env, max_turns)) as BoxFuture<'static, _>
         });
         Self {
-            pool: Pool::new(spec.pool.min, spec.pool_max(), Duration::from_secs(60), spawner),
+            pool: Pool::new(
+                spec.pool.min,
+                spec.pool_max(),
+                Duration::from_secs(60),
+                spawner,
+            ),
         }
     }
 
@@ -138,11 +154,15 @@ impl ProcessRuntime {
 }
 
 impl Runtime for ProcessRuntime {
-    fn invoke<'a>(&'a self, invocation: Invocation<'a>) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
+    fn invoke<'a>(
+        &'a self,
+        invocation: Invocation<'a>,
+    ) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
         Box::pin(async move {
             let mut lease = self.pool.checkout(None).await.map_err(InvokeError::Start)?;
             let request = serde_json::to_vec(&invocation.task.event).expect("envelope serializes");
-            let outcome = tokio::time::timeout(invocation.timeout, lease.instance.turn(&request)).await;
+            let outcome =
+                tokio::time::timeout(invocation.timeout, lease.instance.turn(&request)).await;
             let (result, healthy) = match outcome {
                 Ok(Ok(r)) => (Ok(r), true),
                 // A handler-reported error leaves the process in a clean state.
@@ -155,7 +175,10 @@ impl Runtime for ProcessRuntime {
             };
             self.pool.checkin(lease, healthy).await;
             result.map(|mut r| {
-                r.details.insert("pool".into(), serde_json::to_value(self.pool.stats_now()).unwrap_or(Value::Null));
+                r.details.insert(
+                    "pool".into(),
+                    serde_json::to_value(self.pool.stats_now()).unwrap_or(Value::Null),
+                );
                 r
             })
         })

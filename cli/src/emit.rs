@@ -1,0 +1,67 @@
+//! `grizzly emit <subject> <json>`: append one event (CloudEvents envelope, UUIDv7 id).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use grizzly_shared::nats::{self, publish_confirmed};
+use grizzly_shared::{EventEnvelope, EventSubject, Priority, Settings};
+
+#[derive(clap::Args)]
+pub struct EmitArgs {
+    /// `events.<aggregate_type>.<aggregate_id>.<event_type>`
+    pub subject: String,
+    /// The event's data, as JSON.
+    pub data: String,
+    #[arg(long, default_value = "normal")]
+    pub priority: Priority,
+    #[arg(long, default_value = "grizzly/cli")]
+    pub source: String,
+    /// Event id (default: a new UUIDv7); re-emitting the same id is de-duplicated.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+}
+
+pub async fn run(settings: &Settings, args: EmitArgs) -> anyhow::Result<ExitCode> {
+    let subject = EventSubject::parse(&args.subject)?;
+    let data: serde_json::Value = serde_json::from_str(&args.data)
+        .with_context(|| format!("the data for {} is not valid JSON", args.subject))?;
+    let bytes = data.to_string().len();
+    anyhow::ensure!(
+        bytes <= settings.max_event_bytes,
+        "the data for {} is {bytes} bytes, over max_event_bytes ({})",
+        args.subject,
+        settings.max_event_bytes
+    );
+    let mut event = EventEnvelope::new(&subject, &args.source, data);
+    event.priority = args.priority;
+    if let Some(id) = args.id {
+        event.id = id;
+    }
+    event.correlationid = Some(args.correlation_id.unwrap_or_else(|| event.id.clone()));
+    let nats = nats::connect(&settings.nats_url, "grizzly-emit", false).await?;
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(event.to_json_bytes())
+        .headers(event.headers());
+    let ack = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        publish_confirmed(&nats.js, &subject.to_string(), publish, None),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "the broker at {} did not confirm the event",
+            settings.nats_url
+        )
+    })?;
+    if ack.duplicate {
+        println!(
+            "{} already in the log (duplicate id), seq {}",
+            event.id, ack.sequence
+        );
+    } else {
+        println!("{} appended at seq {}", event.id, ack.sequence);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,72 @@
+//! The `grizzly` command line. Each subcommand lives in its own module; this file only parses
+//! and dispatches.
+
+pub mod dev;
+pub mod dlq;
+pub mod emit;
+pub mod events;
+pub mod handlers;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use grizzly_shared::config::ComponentArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "grizzly",
+    version,
+    about = "Grizzly: event-sourced agentic workflows on NATS JetStream"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub args: ComponentArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run everything on this machine: embedded nats-server, listener, coordinator, worker.
+    Dev(dev::DevArgs),
+    /// Append an event: `grizzly emit events.agent.a1.ping '{"x":1}'`.
+    Emit(emit::EmitArgs),
+    /// Read the event log.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+    /// Inspect and redrive dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Handler definitions.
+    #[command(subcommand)]
+    Handler(handlers::HandlerCommand),
+    /// MCP stdio server exposing `emit_event` (what pooled Claude Code instances use).
+    Mcp,
+    /// Fake Anthropic Messages API for offline demos and tests (never used unless asked for).
+    FakeApi {
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Mcp) {
+        // stdout is the MCP protocol: nothing else may print there.
+        grizzly_worker::mcp::serve_stdio().await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = cli.args.load()?;
+    grizzly_shared::telemetry::init(&settings.log_format);
+    match cli.command {
+        Command::Dev(args) => dev::run(settings, args).await,
+        Command::Emit(args) => emit::run(&settings, args).await,
+        Command::Events(cmd) => events::run(&settings, cmd).await,
+        Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
+        Command::Handler(cmd) => handlers::run(&settings, cmd),
+        Command::FakeApi { port } => {
+            grizzly_devkit::serve_forever(grizzly_devkit::FakeApiConfig::with_port(port)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mcp => unreachable!("handled above"),
+    }
+}
