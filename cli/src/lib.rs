@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod emit;
 pub mod events;
 pub mod handlers;
+pub mod workflow;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Handler definitions.
     #[command(subcommand)]
     Handler(handlers::HandlerCommand),
+    /// Workflows: validate, schema, start, status, list, suspend, resume, cancel, test, docs.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
     /// MCP stdio server exposing `emit_event` (what pooled Claude Code instances use).
     Mcp,
     /// Fake Anthropic Messages API for offline demos and tests (never used unless asked for).
@@ -63,6 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(cmd) => events::run(&settings, cmd).await,
         Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
         Command::Handler(cmd) => handlers::run(&settings, cmd),
+        Command::Workflow(cmd) => workflow::run(&settings, cmd).await,
         Command::FakeApi { port } => {
             grizzly_devkit::serve_forever(grizzly_devkit::FakeApiConfig::with_port(port)).await?;
             Ok(ExitCode::SUCCESS)

@@ -162,8 +162,15 @@ pub struct HandlerSpec {
     pub version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Subject patterns routed to this handler; may be empty for a handler that only workflow
+    /// steps call.
+    #[serde(default)]
     pub on: Vec<String>,
     pub kind: HandlerKind,
+    /// What this handler can do; workflow steps and events may ask for a capability instead of
+    /// naming a handler.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
     /// `claude`: path of the prompt template, relative to the handler file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
@@ -236,8 +243,12 @@ impl HandlerSpec {
         if self.version == 0 {
             problems.push("version: must be at least 1".into());
         }
-        if self.on.is_empty() {
-            problems.push("on: at least one subject pattern is required".into());
+        for capability in &self.capabilities {
+            if !is_valid_token(capability) {
+                problems.push(format!(
+                    "capabilities: `{capability}` must match [A-Za-z0-9_-]+"
+                ));
+            }
         }
         for pattern in &self.on {
             if let Err(e) = validate_pattern(pattern) {
@@ -541,8 +552,8 @@ priority: high
         assert!(errs[0].message.contains("bogus"), "{}", errs[0]);
         assert_eq!(errs[0].line, Some(5));
 
-        let errs = parse("name: x\nkind: exec\ncommand: [a]\n").unwrap_err();
-        assert!(errs[0].message.contains("on"), "{}", errs[0]);
+        let errs = parse("name: x\non: [\"events.>\"]\ncommand: [a]\n").unwrap_err();
+        assert!(errs[0].message.contains("kind"), "{}", errs[0]);
 
         let errs = parse("name: x\non: [\"events.>\"]\nkind: shell\n").unwrap_err();
         assert!(errs[0].message.contains("shell"), "{}", errs[0]);

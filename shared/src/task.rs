@@ -16,6 +16,10 @@ pub struct Task {
     pub partition: u16,
     pub priority: Priority,
     pub event: EventEnvelope,
+    /// Tasks with the same key run one at a time, in order (default: the event's aggregate).
+    /// Workflow steps use `<instance>/<step>` so parallel branches of one instance run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
     /// Set when an operator re-drove the task from the DLQ (makes its id distinct).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<u64>,
@@ -37,8 +41,23 @@ impl Task {
             partition: partition_for(&event.aggregate_key(), partitions),
             priority,
             event,
+            ordering_key: None,
             redrive: None,
         }
+    }
+
+    /// Runs this task in its own ordering lane (`key`) instead of its aggregate's.
+    pub fn with_ordering_key(mut self, key: String, partitions: u16) -> Self {
+        self.partition = partition_for(&key, partitions);
+        self.ordering_key = Some(key);
+        self
+    }
+
+    /// The key of the lane this task is ordered in.
+    pub fn ordering_key(&self) -> String {
+        self.ordering_key
+            .clone()
+            .unwrap_or_else(|| self.event.aggregate_key())
     }
 
     pub fn subject(&self) -> String {

@@ -305,11 +305,61 @@ async fn a_hung_api_hits_the_deadline_and_dead_letters_after_the_last_attempt() 
         "{:?}",
         record.history
     );
-    assert_eq!(record.event.map(|e| e.id), Some(event.id));
+    assert_eq!(record.event.map(|e| e.id), Some(event.id.clone()));
     let failed = s.watch.wait_for_type("handler_failed", 2, DEADLINE).await?;
     assert!(failed.iter().all(|f| f.data()["error_kind"] == "timeout"));
     assert_eq!(failed[1].data()["dead_lettered"], true);
     assert!(s.watch.of_type("handler_succeeded").is_empty());
+
+    // Once the API recovers, `grizzly dlq redrive` re-runs the dead letter to success.
+    s.fake.set_failure(FailureMode::None);
+    let grizzly = bin_path("grizzly");
+    let listed = std::process::Command::new(&grizzly)
+        .args(["--nats-url", &s.env.settings.nats_url, "dlq", "list"])
+        .output()?;
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listing.contains("dlq.hang") && listing.contains("timeout"),
+        "{listing}"
+    );
+    let redriven = std::process::Command::new(&grizzly)
+        .args([
+            "--nats-url",
+            &s.env.settings.nats_url,
+            "dlq",
+            "redrive",
+            &dead.seq.to_string(),
+        ])
+        .env("GRIZZLY_PARTITIONS", s.env.settings.partitions.to_string())
+        .output()?;
+    assert!(
+        redriven.status.success(),
+        "{}",
+        String::from_utf8_lossy(&redriven.stderr)
+    );
+    let ok = s
+        .watch
+        .wait_for_type("handler_succeeded", 1, DEADLINE)
+        .await?;
+    assert_eq!(ok[0].data()["event_id"], json!(event.id));
+    assert!(
+        ok[0].data()["output"]
+            .as_str()
+            .unwrap()
+            .contains("never answered")
+    );
+    let after = std::process::Command::new(&grizzly)
+        .args(["--nats-url", &s.env.settings.nats_url, "dlq", "list"])
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&after.stdout).contains("dlq.hang"),
+        "redriven entry left the DLQ"
+    );
     Ok(())
 }
 

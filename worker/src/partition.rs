@@ -144,7 +144,7 @@ impl PartitionRunner {
                 return;
             }
         };
-        let key = task.event.aggregate_key();
+        let key = task.ordering_key();
         let queue = queues.entry(key.clone()).or_default();
         queue.push_back((msg, task));
         if queue.len() == 1 {
