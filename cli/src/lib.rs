@@ -1,6 +1,7 @@
 //! The `grizzly` command line. Each subcommand lives in its own module; this file only parses
 //! and dispatches.
 
+pub mod bench;
 pub mod dev;
 pub mod dlq;
 pub mod emit;
@@ -44,6 +45,9 @@ pub enum Command {
     /// Workflows: validate, schema, start, status, list, suspend, resume, cancel, test, docs.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
+    /// Benchmarks, each against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// MCP stdio server exposing `emit_event` (what pooled Claude Code instances use).
     Mcp,
     /// Fake Anthropic Messages API for offline demos and tests (never used unless asked for).
@@ -60,10 +64,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let settings = cli.args.load()?;
-    grizzly_shared::telemetry::init(&settings.log_format);
+    grizzly_shared::telemetry::init(&settings.log_format, &settings.log);
     match cli.command {
         Command::Dev(args) => dev::run(settings, args).await,
         Command::Emit(args) => emit::run(&settings, args).await,
+        Command::Bench(cmd) => bench::run(&settings, cmd).await,
         Command::Events(cmd) => events::run(&settings, cmd).await,
         Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
         Command::Handler(cmd) => handlers::run(&settings, cmd),

@@ -18,7 +18,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Cli::parse().args.load()?;
-    telemetry::init(&settings.log_format);
+    telemetry::init(&settings.log_format, &settings.log);
     let nats = nats::connect(&settings.nats_url, "grizzly-coordinator", true).await?;
     grizzly_coordinator::Coordinator::new(nats, settings)
         .run(shutdown::on_signal())

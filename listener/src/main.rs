@@ -19,7 +19,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Cli::parse().args.load()?;
-    telemetry::init(&settings.log_format);
+    telemetry::init(&settings.log_format, &settings.log);
     let handlers = handler::load_handlers(&settings.handlers_dir)
         .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
     let nats = nats::connect(&settings.nats_url, "grizzly-listener", true).await?;

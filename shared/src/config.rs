@@ -121,6 +121,8 @@ pub struct Settings {
     pub max_event_bytes: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// Log filter (`GRIZZLY_LOG`), `tracing` EnvFilter syntax.
+    pub log: String,
     pub streams: StreamSettings,
     pub worker: WorkerSettings,
     pub listener: ListenerSettings,
@@ -135,6 +137,7 @@ impl Default for Settings {
             partitions: 8,
             max_event_bytes: 256 * 1024,
             log_format: "text".into(),
+            log: "info".into(),
             streams: StreamSettings::default(),
             worker: WorkerSettings::default(),
             listener: ListenerSettings::default(),
@@ -157,7 +160,8 @@ impl Settings {
             config::Environment::with_prefix("GRIZZLY")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(settings_env())),
         );
         for (key, value) in overrides {
             builder = builder.set_override(*key, value.as_str())?;
@@ -201,6 +205,11 @@ impl Settings {
         Ok(())
     }
 
+    /// Log filter (`tracing` EnvFilter syntax), e.g. `info` or `info,grizzly_worker=debug`.
+    pub fn log_filter(&self) -> &str {
+        &self.log
+    }
+
     /// This worker's identity.
     pub fn worker_id(&self) -> String {
         self.worker.id.clone().unwrap_or_else(|| {
@@ -208,6 +217,24 @@ impl Settings {
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+/// `GRIZZLY_*` variables that are not settings (tool locations, per-process plumbing).
+const NOT_SETTINGS: &[&str] = &[
+    "GRIZZLY_CONFIG",
+    "GRIZZLY_NATS_SERVER",
+    "GRIZZLY_NATS_SERVER_VERSION",
+    "GRIZZLY_CLAUDE_BIN",
+    "GRIZZLY_CLAUDE_CODE_VERSION",
+    "GRIZZLY_TURN_FILE",
+];
+
+/// The environment as the settings see it: every `GRIZZLY_*` variable except [`NOT_SETTINGS`]
+/// (an unknown one is still an error, naming it).
+fn settings_env() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("GRIZZLY_") && !NOT_SETTINGS.contains(&k.as_str()))
+        .collect()
 }
 
 #[cfg(test)]

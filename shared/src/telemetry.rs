@@ -1,15 +1,10 @@
-//! Logging set-up shared by every binary. Filter from `GRIZZLY_LOG` (or `RUST_LOG`), default
-//! `info`; format `text` or `json`. Logs go to stderr so stdout stays for command output.
+//! Logging set-up shared by every binary. Filter from the `log` setting (`GRIZZLY_LOG`), unless
+//! `RUST_LOG` is set; format `text` or `json`. Logs go to stderr so stdout stays for command output.
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init(format: &str) {
-    let filter = std::env::var("GRIZZLY_LOG")
-        .ok()
-        .map(EnvFilter::new)
-        .unwrap_or_else(|| {
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
-        });
+pub fn init(format: &str, filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

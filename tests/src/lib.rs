@@ -80,8 +80,8 @@ impl TestEnv {
     /// Starts a fresh nats-server (fails loudly when it is not installed).
     pub async fn start() -> anyhow::Result<Self> {
         // Logs only when asked for (GRIZZLY_LOG=debug cargo test ...): test output stays readable.
-        if std::env::var_os("GRIZZLY_LOG").is_some() {
-            grizzly_shared::telemetry::init("text");
+        if let Ok(filter) = std::env::var("GRIZZLY_LOG") {
+            grizzly_shared::telemetry::init("text", &filter);
         }
         let server = NatsServer::start_temp()
             .await

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
         return grizzly_worker::mcp::serve_stdio().await;
     }
     let settings = cli.args.load()?;
-    telemetry::init(&settings.log_format);
+    telemetry::init(&settings.log_format, &settings.log);
     let handlers = handler::load_handlers(&settings.handlers_dir)
         .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
     let nats = nats::connect(&settings.nats_url, "grizzly-worker", true).await?;

@@ -241,7 +241,7 @@ impl ServerHandler for EmitServer {
 
 /// Serves MCP on stdin/stdout until the client (Claude Code) closes stdin.
 pub async fn serve_stdio() -> anyhow::Result<()> {
-    grizzly_shared::telemetry::init("text");
+    grizzly_shared::telemetry::init("text", "warn");
     let server = EmitServer {
         turn_file: std::env::var_os(TURN_FILE_ENV).map(PathBuf::from),
         nats: OnceCell::new(),
