@@ -10,7 +10,7 @@ use grizzly_shared::{EventEnvelope, EventSubject, Priority, Settings};
 pub struct EmitArgs {
     /// `events.<aggregate_type>.<aggregate_id>.<event_type>`
     pub subject: String,
-    /// The event's data, as JSON.
+    /// The event's data, as JSON (`-` reads it from stdin).
     pub data: String,
     #[arg(long, default_value = "normal")]
     pub priority: Priority,
@@ -25,7 +25,12 @@ pub struct EmitArgs {
 
 pub async fn run(settings: &Settings, args: EmitArgs) -> anyhow::Result<ExitCode> {
     let subject = EventSubject::parse(&args.subject)?;
-    let data: serde_json::Value = serde_json::from_str(&args.data)
+    let text = if args.data == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the data from stdin")?
+    } else {
+        args.data
+    };
+    let data: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("the data for {} is not valid JSON", args.subject))?;
     let bytes = data.to_string().len();
     anyhow::ensure!(

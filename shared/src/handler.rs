@@ -379,7 +379,7 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
             path: path.to_path_buf(),
             line: loc.map(|l| l.line()),
             column: loc.map(|l| l.column()),
-            message: first_line(&e.to_string()),
+            message: yaml_message(&e.to_string()),
         }]
     })?;
     let field_line = |message: &str| {
@@ -430,8 +430,18 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).trim().to_string()
+/// The parser's message without its own `error: line L column C:` prefix (we print the
+/// location as `file:line:column`).
+pub fn yaml_message(s: &str) -> String {
+    let line = s.lines().next().unwrap_or(s).trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((position, message)) if position.contains(" column ") => message.to_string(),
+        _ => line.to_string(),
+    }
 }
 
 /// Loads every `*.yaml` / `*.yml` file in `dir` (not recursive). A missing directory is no

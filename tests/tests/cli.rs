@@ -1,0 +1,230 @@
+//! The `grizzly` command line and the component binaries, run as real processes: bad input gets
+//! a clear error naming the problem and its location, and `grizzly dev` runs the whole system.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use grizzly_tests::{TestEnv, bin_path};
+use serde_json::json;
+
+fn grizzly(args: &[&str], nats_url: &str) -> std::process::Output {
+    Command::new(bin_path("grizzly"))
+        .args(["--nats-url", nats_url])
+        .args(args)
+        .output()
+        .expect("run grizzly (cargo build --workspace first)")
+}
+
+#[tokio::test]
+async fn emit_appends_a_cloud_event_and_refuses_bad_input_clearly() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let url = env.settings.nats_url.clone();
+    let mut watch = env.watch().await?;
+
+    let ok = grizzly(
+        &[
+            "emit",
+            "events.agent.a1.ping",
+            r#"{"x":1}"#,
+            "--priority",
+            "high",
+        ],
+        &url,
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let seen = watch
+        .wait_until(Duration::from_secs(30), |s| !s.is_empty())
+        .await?;
+    let event = seen[0].event.clone().expect("a CloudEvent");
+    assert_eq!(event.data, json!({"x": 1}));
+    assert_eq!(event.source, "grizzly/cli");
+    assert_eq!(event.priority, grizzly_shared::Priority::High);
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(&event.id));
+
+    let bad_json = grizzly(&["emit", "events.agent.a1.ping", "{not json"], &url);
+    assert!(!bad_json.status.success());
+    let err = String::from_utf8_lossy(&bad_json.stderr);
+    assert!(
+        err.contains("not valid JSON") && err.contains("events.agent.a1.ping"),
+        "{err}"
+    );
+
+    let bad_subject = grizzly(&["emit", "events.agent.ping", "{}"], &url);
+    assert!(!bad_subject.status.success());
+    let err = String::from_utf8_lossy(&bad_subject.stderr);
+    assert!(
+        err.contains("3 tokens") && err.contains("events.agent.ping"),
+        "{err}"
+    );
+
+    // Data from stdin (`-`): too big for an argument, and over max_event_bytes.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
+    let mut child = Command::new(bin_path("grizzly"))
+        .args(["--nats-url", &url, "emit", "events.agent.a1.ping", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), big.as_bytes())?;
+    let oversized = child.wait_with_output()?;
+    assert!(!oversized.status.success());
+    assert!(String::from_utf8_lossy(&oversized.stderr).contains("max_event_bytes"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_handler_files_are_reported_with_file_line_and_column() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    env.write_handler("broken", "name: broken\non: [\"events.>\"\nkind: exec\n");
+    env.write_handler(
+        "unknown_key",
+        "name: k\non: [\"events.>\"]\nkind: exec\ncommand: [a]\ncolour: red\n",
+    );
+    env.write_handler("bad_kind", "name: b\non: [\"events.>\"]\nkind: shell\n");
+    env.write_handler("missing", "name: m\non: [\"events.>\"]\nkind: process\n");
+
+    let out = grizzly(
+        &[
+            "handler",
+            "validate",
+            env.settings.handlers_dir.to_str().unwrap(),
+        ],
+        &env.settings.nats_url,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (file, needle) in [
+        ("broken.yaml:", ""),
+        ("unknown_key.yaml:5:1:", "unknown field `colour`"),
+        ("bad_kind.yaml:3:", "shell"),
+        ("missing.yaml", "command"),
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(file))
+            .unwrap_or_else(|| panic!("no error for {file}: {err}"));
+        assert!(line.contains(needle), "{line}");
+    }
+
+    // A component refuses to start on them, naming the same problems.
+    let listener = Command::new(bin_path("grizzly-listener"))
+        .args([
+            "--nats-url",
+            &env.settings.nats_url,
+            "--handlers",
+            env.settings.handlers_dir.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .output()?;
+    assert!(!listener.status.success());
+    assert!(String::from_utf8_lossy(&listener.stderr).contains("unknown_key.yaml:5:1:"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    // A free port for the embedded broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut dev = Command::new(bin_path("grizzly"))
+        .current_dir(&root)
+        .env("GRIZZLY_NATS_URL", &url)
+        .args([
+            "dev",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--fake-api",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let client = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = async_nats::connect(url.clone()).await {
+                break c;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "grizzly dev did not start its broker"
+            );
+            anyhow::ensure!(dev.try_wait()?.is_none(), "grizzly dev exited early");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _dev = KillOnDrop(dev);
+    let js = async_nats::jetstream::new(client);
+    // The streams exist once the components are up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while js.get_stream("EVENTS").await.is_err() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "streams never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = grizzly(
+        &["emit", "events.agent.dev1.ping", r#"{"hello":"dev"}"#],
+        &url,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tail = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            grizzly(
+                &[
+                    "events",
+                    "tail",
+                    "events.agent.dev1.>",
+                    "--from-start",
+                    "--count",
+                    "3",
+                    "--json",
+                ],
+                &url,
+            )
+        }
+    });
+    let tail = tokio::time::timeout(Duration::from_secs(60), tail).await??;
+    let lines = String::from_utf8_lossy(&tail.stdout);
+    let subjects: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["subject"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "events.agent.dev1.ping",
+            "events.agent.dev1.pong",
+            "events.agent.dev1.handler_succeeded"
+        ]
+    );
+    Ok(())
+}
