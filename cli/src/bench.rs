@@ -98,7 +98,7 @@ impl Bench {
             nats::connect(&settings.nats_url, "bench-listener", false).await?,
             settings.clone(),
             &handlers,
-        );
+        )?;
         let worker = grizzly_worker::Worker::new(
             nats::connect(&settings.nats_url, "bench-worker", false).await?,
             settings.clone(),

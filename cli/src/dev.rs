@@ -66,7 +66,7 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCo
         connect("grizzly-listener").await?,
         settings.clone(),
         &handlers,
-    );
+    )?;
     let coordinator = grizzly_coordinator::Coordinator::new(
         connect("grizzly-coordinator").await?,
         settings.clone(),

@@ -10,6 +10,8 @@
 //! Replicas share one durable consumer with a pinned-client priority group: exactly one replica
 //! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
 
+pub mod flow;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ use grizzly_shared::envelope::{EventEnvelope, IngestError, StoredMessage, now_rf
 use grizzly_shared::handler::LoadedHandler;
 use grizzly_shared::nats::{self, EVENTS_STREAM, LISTENER_CONSUMER, Nats};
 use grizzly_shared::subject::DLQ_INGEST;
-use grizzly_shared::{Settings, Task};
+use grizzly_shared::{EventSubject, Settings, Task};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -108,15 +110,18 @@ pub struct Listener {
     nats: Nats,
     settings: Settings,
     routes: Arc<RouteTable>,
+    flow: flow::FlowControl,
 }
 
 impl Listener {
-    pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> Self {
-        Self {
+    /// Fails when a handler's flow-control template does not compile.
+    pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
+        Ok(Self {
+            flow: flow::FlowControl::new(handlers)?,
             nats,
             settings,
             routes: Arc::new(RouteTable::from_handlers(handlers)),
-        }
+        })
     }
 
     async fn consumer(&self) -> anyhow::Result<consumer::Consumer<pull::Config>> {
@@ -144,8 +149,11 @@ impl Listener {
     }
 
     /// Routes events until `shutdown`; in-flight events are confirmed before returning.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
+        self.flow
+            .connect(&self.nats.js, self.settings.streams.replicas)
+            .await?;
         let consumer = self.consumer().await?;
         info!(routes = self.routes.len(), "listener routing");
         let mut in_flight = FuturesUnordered::new();
@@ -195,6 +203,12 @@ impl Listener {
             }
         }
         while in_flight.next().await.is_some() {}
+        // Hand the pin over now rather than after PIN_TIMEOUT: a standby takes over at once.
+        if let Ok(stream) = self.nats.js.get_stream(EVENTS_STREAM).await {
+            let _ = stream
+                .unpin_consumer(LISTENER_CONSUMER, LISTENER_GROUP)
+                .await;
+        }
         info!("listener stopped");
         Ok(())
     }
@@ -202,7 +216,7 @@ impl Listener {
     /// Routes one message: issues its publishes now (so tasks are written in log order) and
     /// returns their count and a future that confirms them and then acks the event.
     async fn route(&self, msg: jetstream::Message) -> (usize, BoxFuture<'static, usize>) {
-        let publishes = match self.publishes_for(&msg) {
+        let publishes = match self.publishes_for(&msg).await {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, subject = %msg.subject, "cannot route; will redeliver");
@@ -237,7 +251,7 @@ impl Listener {
     }
 
     /// What must be written for one message: its tasks, or its dead letter.
-    fn publishes_for(
+    async fn publishes_for(
         &self,
         msg: &jetstream::Message,
     ) -> anyhow::Result<Vec<(String, PublishMessage)>> {
@@ -261,7 +275,23 @@ impl Listener {
                     } else {
                         route.priority
                     };
-                    let task = Task::new(
+                    if let flow::Dedup::Duplicate { first, key } =
+                        self.flow.dedup(&route.handler, &event).await?
+                    {
+                        debug!(handler = %route.handler, event = %event.id, %first, "duplicate skipped");
+                        let skipped = event.caused(
+                            &EventSubject::new(&event.aggregatetype, &event.aggregateid, "duplicate_skipped")?,
+                            "grizzly/listener",
+                            serde_json::json!({"handler": route.handler, "event_id": event.id, "first_event_id": first, "dedup_key": key}),
+                            &[&route.handler, "duplicate_skipped"],
+                        );
+                        let publish = PublishMessage::build()
+                            .payload(skipped.to_json_bytes())
+                            .headers(skipped.headers());
+                        out.push((skipped.subject()?.to_string(), publish));
+                        continue;
+                    }
+                    let mut task = Task::new(
                         &route.handler,
                         route.version,
                         info.stream_sequence,
@@ -269,6 +299,7 @@ impl Listener {
                         priority,
                         event.clone(),
                     );
+                    task.not_before_ms = self.flow.throttle(&route.handler, &event)?;
                     debug!(handler = %task.handler, event = %event.id, "routing");
                     let publish = PublishMessage::build()
                         .payload(task.to_json_bytes())

@@ -23,6 +23,6 @@ async fn main() -> anyhow::Result<()> {
     let handlers = handler::load_handlers(&settings.handlers_dir)
         .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
     let nats = nats::connect(&settings.nats_url, "grizzly-listener", true).await?;
-    let listener = grizzly_listener::Listener::new(nats, settings, &handlers);
+    let listener = grizzly_listener::Listener::new(nats, settings, &handlers)?;
     listener.run(shutdown::on_signal()).await
 }

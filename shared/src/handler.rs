@@ -97,6 +97,31 @@ impl Default for BreakerPolicy {
     }
 }
 
+/// Lossless rate limit: at most `limit` invocations per `period` (per `key` when given);
+/// events over the limit wait their turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    pub limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// minijinja template over `event` / `data` naming the bucket (default: one per handler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Content de-duplication: an event whose key was seen within `window` is recorded and not
+/// handled again (across restarts and listener replicas).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupSpec {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// minijinja template over `event` / `data` (default: hash of type + aggregate + data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
 /// Size bounds of a warm instance pool (`claude` and `process` kinds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -192,6 +217,10 @@ pub struct HandlerSpec {
     pub breaker: BreakerPolicy,
     #[serde(default)]
     pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupSpec>,
     #[serde(default)]
     pub pool: PoolSpec,
     #[serde(default)]
@@ -269,6 +298,16 @@ impl HandlerSpec {
         }
         if self.breaker.failure_threshold == 0 {
             problems.push("breaker.failure_threshold: must be at least 1".into());
+        }
+        if let Some(t) = &self.throttle
+            && (t.limit == 0 || t.period.is_zero())
+        {
+            problems.push("throttle: limit and period must be greater than zero".into());
+        }
+        if let Some(d) = &self.dedup
+            && d.window < Duration::from_secs(1)
+        {
+            problems.push("dedup.window: must be at least 1s".into());
         }
         if self.pool_max() < self.pool.min.max(1) {
             problems.push(format!(

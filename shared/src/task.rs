@@ -20,6 +20,9 @@ pub struct Task {
     /// Workflow steps use `<instance>/<step>` so parallel branches of one instance run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering_key: Option<String>,
+    /// Not to start before this time (unix ms): set by the listener's throttle and debounce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
     /// Set when an operator re-drove the task from the DLQ (makes its id distinct).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<u64>,
@@ -42,6 +45,7 @@ impl Task {
             priority,
             event,
             ordering_key: None,
+            not_before_ms: None,
             redrive: None,
         }
     }

@@ -138,7 +138,7 @@ impl TestEnv {
     pub async fn start_listener(&self) -> anyhow::Result<Component> {
         let nats = nats::connect(&self.settings.nats_url, "test-listener", false).await?;
         let listener =
-            grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers());
+            grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers())?;
         Ok(spawn(|stop| listener.run(stop)))
     }
 

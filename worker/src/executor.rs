@@ -1,14 +1,13 @@
 //! Runs one task to its end: admission (handler and worker concurrency limits, circuit breaker),
 //! attempts with timeout and exponential back-off with jitter, and the durable write of every
 //! outcome — emitted events, `handler_succeeded` / `handler_failed`, or the dead letter — before
-//! the task is acked. While it works it sends in-progress acks so the broker does not redeliver
-//! a task that is still running.
+//! the task is acked.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, AckKind};
 use backon::BackoffBuilder;
 use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
 use grizzly_shared::envelope::now_rfc3339;
@@ -30,12 +29,41 @@ pub struct HandlerContext {
     pub breaker: Breaker,
     /// The handler's `concurrency` within this worker.
     pub limit: Arc<Semaphore>,
+    /// Start times of the last `throttle.limit` attempts (this worker's share of the limit; the
+    /// listener spaces tasks globally).
+    pub recent_starts: tokio::sync::Mutex<std::collections::VecDeque<tokio::time::Instant>>,
 }
 
 impl HandlerContext {
     pub fn name(&self) -> &str {
         &self.handler.spec.name
     }
+
+    /// Waits for the handler's throttle (when it has one without a key): at most `limit` starts
+    /// in any `period`, by the times of this worker's last `limit` starts.
+    async fn throttle_gate(&self) {
+        let Some(t) = self
+            .handler
+            .spec
+            .throttle
+            .as_ref()
+            .filter(|t| t.key.is_none())
+        else {
+            return;
+        };
+        let mut starts = self.recent_starts.lock().await;
+        if starts.len() >= t.limit as usize {
+            let oldest = starts.pop_front().expect("non-empty");
+            tokio::time::sleep_until(oldest + t.period).await;
+        }
+        starts.push_back(tokio::time::Instant::now());
+    }
+}
+
+/// The concurrency slots a task holds while it runs: its handler's and the worker's.
+pub struct Slots {
+    pub handler: tokio::sync::OwnedSemaphorePermit,
+    pub worker: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Shared by every task a worker runs.
@@ -48,26 +76,15 @@ pub struct ExecutionEnv {
     pub ack_wait: Duration,
 }
 
-/// Runs `task` (delivered as `msg`) to a durable outcome, then acks it.
+/// Runs `task` (delivered as `msg`) to a durable outcome, then acks it. The partition runner
+/// keeps progress-acking `msg` until then.
 pub async fn execute(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
     msg: jetstream::Message,
     task: Task,
+    _slots: Slots,
 ) {
-    let progress = {
-        // Keep the broker from redelivering while we wait for a slot, the breaker, or the handler.
-        let msg = msg.clone();
-        let every = env.ack_wait / 3;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let _ = msg.ack_with(AckKind::Progress).await;
-            }
-        })
-    };
-    let _handler_slot = ctx.limit.clone().acquire_owned().await;
-    let _worker_slot = env.worker_limit.clone().acquire_owned().await;
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
     let spec = &ctx.handler.spec;
     let mut delays = backon::ExponentialBuilder::default()
@@ -79,7 +96,12 @@ pub async fn execute(
     let mut history = Vec::new();
     for attempt in 1..=spec.retry.max_attempts {
         ctx.breaker.admit().await;
+        ctx.throttle_gate().await;
         let started = Instant::now();
+        let started_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let invocation = Invocation {
             task: &task,
             attempt,
@@ -101,10 +123,12 @@ pub async fn execute(
             Ok((result, emitted))
         });
         match outcome {
-            Ok((result, emitted)) => {
+            Ok((mut result, emitted)) => {
+                result
+                    .details
+                    .insert("started_at_ms".into(), started_at_ms.into());
                 note_transition(ctx, env, &task, ctx.breaker.record(true)).await;
                 write_success(ctx, env, &task, attempt, duration_ms, result, emitted).await;
-                progress.abort();
                 if let Err(e) = msg.ack().await {
                     warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
                 }
@@ -147,7 +171,6 @@ pub async fn execute(
             }
         }
     }
-    progress.abort();
     if let Err(e) = msg.ack().await {
         warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
     }

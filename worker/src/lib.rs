@@ -74,6 +74,7 @@ impl Worker {
                         .with_context(|| format!("handler {}", h.spec.name))?,
                     breaker: Breaker::new(h.spec.breaker.clone()),
                     limit: Arc::new(Semaphore::new(h.spec.concurrency)),
+                    recent_starts: Default::default(),
                     handler: h.clone(),
                 }))
             })

@@ -2,26 +2,37 @@
 //!
 //! Taking ownership recreates the partition's consumer from the oldest unacked task: `TASKS` is a
 //! work queue, so acked tasks are gone and a fresh consumer sees exactly the unfinished ones, in
-//! log order — including those the previous owner had in flight when it died. Within the
-//! partition, tasks of one aggregate run one at a time in order; different aggregates run in
-//! parallel (bounded by the handler's and the worker's limits).
+//! log order — including those the previous owner had in flight when it died.
+//!
+//! The runner reads ahead (up to the consumer's `max_ack_pending`) and schedules what it holds:
+//! - tasks of one ordering lane (by default the aggregate) run one at a time, in log order;
+//! - among lanes whose next task is ready, the highest priority starts first; a waiting task is
+//!   promoted one level every [`AGING`] so low priorities are never starved;
+//! - a task with `not_before_ms` (throttle, debounce) waits until then, holding up its lane;
+//! - a task starts only when a handler slot and a worker slot are free.
+//!
+//! Everything held is progress-acked so the broker does not redeliver it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use grizzly_shared::Task;
 use grizzly_shared::nats::TASKS_STREAM;
 use grizzly_shared::subject::task_subject;
+use grizzly_shared::{Priority, Task};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::executor::{ExecutionEnv, HandlerContext, execute};
+use crate::executor::{ExecutionEnv, HandlerContext, Slots, execute};
+
+/// A task waiting this long counts as one priority level higher.
+pub const AGING: Duration = Duration::from_secs(5);
 
 pub fn consumer_name(handler: &str, partition: u16) -> String {
     format!("worker-{handler}-{partition}")
@@ -32,6 +43,115 @@ pub struct PartitionRunner {
     pub env: ExecutionEnv,
     pub partition: u16,
     pub max_ack_pending: i64,
+}
+
+struct Held {
+    msg: jetstream::Message,
+    task: Task,
+    arrived: Instant,
+}
+
+/// What the runner holds: per-lane queues, and which lanes can start now.
+#[derive(Default)]
+struct Schedule {
+    lanes: HashMap<String, VecDeque<Held>>,
+    running: std::collections::HashSet<String>,
+    /// Lanes whose head is ready, by priority rank (0 = critical), oldest first.
+    ready: [VecDeque<(String, Instant)>; 4],
+    /// Lanes whose head must wait until a time.
+    delayed: BTreeMap<(u64, String), ()>,
+}
+
+fn rank(p: Priority) -> usize {
+    Priority::ALL.iter().position(|q| *q == p).unwrap_or(2)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Schedule {
+    fn push(&mut self, held: Held) {
+        let lane = held.task.ordering_key();
+        let queue = self.lanes.entry(lane.clone()).or_default();
+        queue.push_back(held);
+        if queue.len() == 1 && !self.running.contains(&lane) {
+            self.mark_ready(lane);
+        }
+    }
+
+    /// The lane's head can start (or must wait for its time).
+    fn mark_ready(&mut self, lane: String) {
+        let Some(head) = self.lanes.get(&lane).and_then(|q| q.front()) else {
+            self.lanes.remove(&lane);
+            return;
+        };
+        match head.task.not_before_ms {
+            Some(at) if at > now_ms() => {
+                self.delayed.insert((at, lane), ());
+            }
+            _ => {
+                let r = rank(head.task.priority);
+                self.ready[r].push_back((lane, head.arrived));
+            }
+        }
+    }
+
+    /// Moves lanes whose time has come to the ready queues; returns the next due time.
+    fn release_due(&mut self) -> Option<u64> {
+        let now = now_ms();
+        while let Some(((at, _), ())) = self.delayed.first_key_value() {
+            if *at > now {
+                return Some(*at);
+            }
+            let ((_, lane), ()) = self.delayed.pop_first().expect("non-empty");
+            if let Some(head) = self.lanes.get(&lane).and_then(|q| q.front()) {
+                self.ready[rank(head.task.priority)].push_back((lane, head.arrived));
+            }
+        }
+        None
+    }
+
+    fn has_ready(&self) -> bool {
+        self.ready.iter().any(|q| !q.is_empty())
+    }
+
+    /// The lane to start next: highest effective priority (aged), oldest first.
+    fn pick(&mut self) -> Option<String> {
+        let now = Instant::now();
+        let best = (0..4)
+            .filter_map(|r| {
+                self.ready[r].front().map(|(_, arrived)| {
+                    let promoted =
+                        (now.duration_since(*arrived).as_secs() / AGING.as_secs().max(1)) as usize;
+                    (r.saturating_sub(promoted), r)
+                })
+            })
+            .min()?;
+        let (lane, _) = self.ready[best.1].pop_front()?;
+        self.running.insert(lane.clone());
+        Some(lane)
+    }
+
+    fn head(&self, lane: &str) -> Option<&Held> {
+        self.lanes.get(lane).and_then(|q| q.front())
+    }
+
+    /// The lane's running task finished: drop it and make the next one ready.
+    fn finished(&mut self, lane: String) {
+        self.running.remove(&lane);
+        if let Some(q) = self.lanes.get_mut(&lane) {
+            q.pop_front();
+        }
+        self.mark_ready(lane);
+    }
+
+    fn held(&self) -> impl Iterator<Item = &Held> {
+        self.lanes.values().flatten()
+    }
 }
 
 impl PartitionRunner {
@@ -59,7 +179,7 @@ impl PartitionRunner {
         Ok(consumer)
     }
 
-    /// Consumes until `stop`, then lets running tasks finish (queued ones stay unacked for the
+    /// Consumes until `stop`, then lets running tasks finish (held ones stay unacked for the
     /// next owner).
     pub async fn run(self, stop: CancellationToken) {
         let handler = self.ctx.name().to_string();
@@ -76,10 +196,12 @@ impl PartitionRunner {
             }
         };
         info!(%handler, partition = self.partition, "partition acquired");
-        let mut queues: HashMap<String, VecDeque<(jetstream::Message, Task)>> = HashMap::new();
+        let mut schedule = Schedule::default();
         let mut running: FuturesUnordered<BoxFuture<'static, String>> = FuturesUnordered::new();
         let mut progress = tokio::time::interval(self.env.ack_wait / 3);
         progress.tick().await;
+        // Waiting for a handler slot and a worker slot; only while a lane is ready.
+        let mut slots: Option<BoxFuture<'static, Slots>> = None;
         'pull: while !stop.is_cancelled() {
             let mut messages = match consumer
                 .stream()
@@ -99,19 +221,47 @@ impl PartitionRunner {
                 }
             };
             loop {
+                let next_due = schedule.release_due();
+                if slots.is_none() && schedule.has_ready() {
+                    let (h, w) = (self.ctx.limit.clone(), self.env.worker_limit.clone());
+                    slots = Some(Box::pin(async move {
+                        let handler = h
+                            .acquire_owned()
+                            .await
+                            .expect("handler semaphore never closes");
+                        let worker = w
+                            .acquire_owned()
+                            .await
+                            .expect("worker semaphore never closes");
+                        Slots { handler, worker }
+                    }));
+                }
+                let due = async {
+                    match next_due {
+                        Some(at) => {
+                            tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms())))
+                                .await
+                        }
+                        None => futures::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
-                    Some(key) = running.next(), if !running.is_empty() => {
-                        self.start_next(&key, &mut queues, &mut running);
+                    Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                    acquired = async { slots.as_mut().expect("guarded").await }, if slots.is_some() => {
+                        slots = None;
+                        if let Some(lane) = schedule.pick() {
+                            self.start(&schedule, lane, acquired, &mut running);
+                        }
                     }
+                    _ = due => {}
                     _ = progress.tick() => {
-                        // Tasks waiting behind an earlier one of their aggregate are still ours.
-                        for (msg, _) in queues.values().flatten() {
-                            let _ = msg.ack_with(AckKind::Progress).await;
+                        for held in schedule.held() {
+                            let _ = held.msg.ack_with(AckKind::Progress).await;
                         }
                     }
                     next = messages.next() => match next {
-                        Some(Ok(msg)) => self.accept(msg, &mut queues, &mut running).await,
+                        Some(Ok(msg)) => self.accept(msg, &mut schedule).await,
                         Some(Err(e)) => {
                             warn!(%handler, error = %e, "task pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -122,70 +272,62 @@ impl PartitionRunner {
                 }
             }
         }
-        // Drain: finish what is running; queued tasks go back to the broker with the partition.
-        while let Some(key) = running.next().await {
-            queues.remove(&key);
-        }
+        // Drain: finish what is running; held tasks go back to the broker with the partition.
+        while running.next().await.is_some() {}
         info!(%handler, partition = self.partition, "partition released");
     }
 
-    async fn accept(
-        &self,
-        msg: jetstream::Message,
-        queues: &mut HashMap<String, VecDeque<(jetstream::Message, Task)>>,
-        running: &mut FuturesUnordered<BoxFuture<'static, String>>,
-    ) {
-        let task: Task = match serde_json::from_slice(&msg.payload) {
-            Ok(t) => t,
+    async fn accept(&self, msg: jetstream::Message, schedule: &mut Schedule) {
+        match serde_json::from_slice::<Task>(&msg.payload) {
+            Ok(task) => schedule.push(Held {
+                msg,
+                task,
+                arrived: Instant::now(),
+            }),
             Err(e) => {
-                // Only the listener writes tasks; a corrupt one cannot succeed by retrying.
+                // Only Grizzly writes tasks; a corrupt one cannot succeed by retrying.
                 warn!(subject = %msg.subject, error = %e, "malformed task terminated");
                 let _ = msg.ack_with(AckKind::Term).await;
-                return;
             }
-        };
-        let key = task.ordering_key();
-        let queue = queues.entry(key.clone()).or_default();
-        queue.push_back((msg, task));
-        if queue.len() == 1 {
-            self.start_next_inner(&key, queues, running, false);
         }
     }
 
-    /// Called when the running task of `key` finished: start its next one.
-    fn start_next(
+    fn start(
         &self,
-        key: &str,
-        queues: &mut HashMap<String, VecDeque<(jetstream::Message, Task)>>,
+        schedule: &Schedule,
+        lane: String,
+        slots: Slots,
         running: &mut FuturesUnordered<BoxFuture<'static, String>>,
     ) {
-        self.start_next_inner(key, queues, running, true);
-    }
-
-    fn start_next_inner(
-        &self,
-        key: &str,
-        queues: &mut HashMap<String, VecDeque<(jetstream::Message, Task)>>,
-        running: &mut FuturesUnordered<BoxFuture<'static, String>>,
-        finished_one: bool,
-    ) {
-        let Some(queue) = queues.get_mut(key) else {
+        let Some(head) = schedule.head(&lane) else {
             return;
         };
-        if finished_one {
-            queue.pop_front();
-        }
-        let Some((msg, task)) = queue.front().cloned() else {
-            queues.remove(key);
-            return;
-        };
-        debug!(key, seq = task.event_seq, "starting task");
+        let (msg, task) = (head.msg.clone(), head.task.clone());
+        debug!(lane, seq = task.event_seq, priority = %task.priority, "starting task");
         let ctx = self.ctx.clone();
         let env = self.env.clone();
-        let key = key.to_string();
         running.push(Box::pin(async move {
-            execute(&ctx, &env, msg, task).await;
-            key
+            execute(&ctx, &env, msg, task, slots).await;
+            lane
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aging_promotes_waiting_lanes() {
+        let mut s = Schedule::default();
+        // Waited two levels' worth: low now ranks as high, ahead of a fresh normal lane.
+        s.ready[3].push_back(("low".into(), Instant::now() - AGING * 2));
+        s.ready[2].push_back(("normal".into(), Instant::now()));
+        assert_eq!(s.pick().as_deref(), Some("low"));
+        let mut s = Schedule::default();
+        s.ready[3].push_back(("low".into(), Instant::now()));
+        s.ready[1].push_back(("high".into(), Instant::now()));
+        assert_eq!(s.pick().as_deref(), Some("high"));
+        assert_eq!(s.pick().as_deref(), Some("low"));
     }
 }

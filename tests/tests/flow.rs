@@ -1,0 +1,267 @@
+//! Listener and scheduling features against a real nats-server: priority under a backlog,
+//! content de-duplication across restarts, throttling, and listener fail-over.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use grizzly_tests::{LoggedEvent, TestEnv};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// A persistent handler that reports when it started each event (seconds since the epoch).
+const TIMED: &str = r#"
+import json, sys, time
+for line in sys.stdin:
+    event = json.loads(line)
+    started = time.time()
+    time.sleep(event["data"].get("sleep", 0))
+    print(json.dumps({"done": True, "output": {"started": started, "n": event["data"].get("n"), "priority": event.get("priority")}}), flush=True)
+"#;
+
+fn handler(env: &TestEnv, name: &str, on: &str, extra: &str) {
+    let script = env.write_script(&format!("{name}.py"), TIMED);
+    env.write_handler(
+        name,
+        &format!("name: {name}\non: [\"{on}\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\n{extra}\n", script.display()),
+    );
+}
+
+fn outcomes(seen: &[LoggedEvent], handler: &str) -> Vec<serde_json::Value> {
+    seen.iter()
+        .filter(|e| e.event_type() == "handler_succeeded" && e.data()["handler"] == handler)
+        .map(|e| e.data())
+        .collect()
+}
+
+#[tokio::test]
+async fn critical_events_overtake_a_backlog_of_low_ones() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    handler(&env, "slow", "events.job.*.run", "concurrency: 1");
+    let _listener = env.start_listener().await?;
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    let publish = |n: usize, priority: &'static str| {
+        let js = env.nats.js.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("Grizzly-Priority", priority);
+            js.publish_with_headers(
+                format!("events.job.j{n}.run"),
+                headers,
+                json!({"n": n, "sleep": 0.002}).to_string().into(),
+            )
+            .await?
+            .await?;
+            anyhow::Ok(())
+        }
+    };
+    for n in 0..500 {
+        publish(n, "low").await?;
+    }
+    // The backlog is being worked through when the critical events arrive.
+    watch
+        .wait_for_type("handler_succeeded", 10, DEADLINE)
+        .await?;
+    for n in 500..510 {
+        publish(n, "critical").await?;
+    }
+    watch
+        .wait_for_type("handler_succeeded", 510, Duration::from_secs(180))
+        .await?;
+    let done = outcomes(&watch.seen, "slow");
+    let last_critical = done
+        .iter()
+        .rposition(|o| o["output"]["n"].as_u64().unwrap() >= 500)
+        .unwrap();
+    let low_before = done[..last_critical]
+        .iter()
+        .filter(|o| o["output"]["n"].as_u64().unwrap() < 500)
+        .count();
+    assert!(
+        low_before < 100,
+        "critical events waited behind {low_before} low ones"
+    );
+    assert_eq!(done.len(), 510, "nothing lost");
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_content_is_handled_once_within_the_window_even_across_restarts()
+-> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    handler(
+        &env,
+        "once",
+        "events.order.*.placed",
+        "dedup: { window: 4s }",
+    );
+    let listener = env.start_listener().await?;
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    let body = json!({"n": 1, "item": "book"}).to_string();
+    let first_at = tokio::time::Instant::now();
+    for _ in 0..3 {
+        env.publish_raw("events.order.o1.placed", body.clone())
+            .await?;
+    }
+    env.publish_raw(
+        "events.order.o1.placed",
+        json!({"n": 2, "item": "pen"}).to_string(),
+    )
+    .await?;
+    watch
+        .wait_for_type("duplicate_skipped", 2, DEADLINE)
+        .await?;
+    watch
+        .wait_for_type("handler_succeeded", 2, DEADLINE)
+        .await?;
+    let skipped = watch.of_type("duplicate_skipped");
+    let placed: Vec<String> = watch
+        .of_type("placed")
+        .iter()
+        .map(|e| e.event.as_ref().unwrap().id.clone())
+        .collect();
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s.data()["first_event_id"] == json!(placed[0]))
+    );
+
+    // A new listener remembers: the same content is still a duplicate.
+    listener.shutdown().await?;
+    let _listener = env.start_listener().await?;
+    env.publish_raw("events.order.o1.placed", body.clone())
+        .await?;
+    watch
+        .wait_for_type("duplicate_skipped", 3, DEADLINE)
+        .await?;
+
+    // After the window the same content is handled again.
+    tokio::time::sleep_until(first_at + Duration::from_secs(5)).await;
+    env.publish_raw("events.order.o1.placed", body.clone())
+        .await?;
+    watch
+        .wait_for_type("handler_succeeded", 3, DEADLINE)
+        .await?;
+    let ns: Vec<u64> = outcomes(&watch.seen, "once")
+        .iter()
+        .map(|o| o["output"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![1, 2, 1]);
+    assert_eq!(watch.of_type("duplicate_skipped").len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_throttled_handler_never_exceeds_its_rate_and_loses_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    handler(
+        &env,
+        "limited",
+        "events.api.*.call",
+        "concurrency: 4\nthrottle: { limit: 5, period: 1s }",
+    );
+    let _listener = env.start_listener().await?;
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    // A 10 s flood: 5 events every 250 ms (20/s), four times the limit.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    for burst in 0..40 {
+        tick.tick().await;
+        for i in 0..5 {
+            env.publish_raw(
+                &format!("events.api.c{}.call", burst * 5 + i),
+                json!({"n": burst * 5 + i}).to_string(),
+            )
+            .await?;
+        }
+    }
+    watch
+        .wait_for_type("handler_succeeded", 200, Duration::from_secs(120))
+        .await?;
+    // Start times as the worker recorded them (ms).
+    let mut starts: Vec<u64> = outcomes(&watch.seen, "limited")
+        .iter()
+        .map(|o| o["started_at_ms"].as_u64().unwrap())
+        .collect();
+    starts.sort();
+    for (i, t) in starts.iter().enumerate() {
+        let in_window = starts[i..].iter().take_while(|u| *u - t < 1000).count();
+        assert!(in_window <= 5, "{in_window} starts within 1 s from {t}");
+    }
+    let span_s = (starts[199] - starts[0]) as f64 / 1000.0;
+    assert!(
+        span_s >= 39.0 * 200.0 / 1000.0 * 0.95 * 5.0 / 5.0,
+        "200 starts at 5/s span ~40 s, got {span_s}"
+    );
+    let ns: HashSet<u64> = outcomes(&watch.seen, "limited")
+        .iter()
+        .map(|o| o["output"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns.len(), 200, "every event handled once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn listener_replicas_fail_over_without_losing_or_duplicating_and_keep_order()
+-> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    handler(&env, "ordered", "events.acct.*.op", "concurrency: 4");
+    let mut listeners = vec![
+        env.start_listener().await?,
+        env.start_listener().await?,
+        env.start_listener().await?,
+    ];
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    for n in 0..300 {
+        env.nats
+            .js
+            .publish(
+                format!("events.acct.a{}.op", n % 10),
+                json!({"n": n}).to_string().into(),
+            )
+            .await?;
+    }
+    env.nats.js.wait_for_acks().await;
+    watch
+        .wait_for_type("handler_succeeded", 50, DEADLINE)
+        .await?;
+    // Kill two of the three (whichever was routing is among them or survives).
+    listeners.remove(0).abort();
+    listeners.remove(0).abort();
+    for n in 300..400 {
+        env.nats
+            .js
+            .publish(
+                format!("events.acct.a{}.op", n % 10),
+                json!({"n": n}).to_string().into(),
+            )
+            .await?;
+    }
+    env.nats.js.wait_for_acks().await;
+    watch
+        .wait_for_type("handler_succeeded", 400, DEADLINE)
+        .await?;
+    let done = outcomes(&watch.seen, "ordered");
+    let mut per_event: HashMap<String, usize> = HashMap::new();
+    let mut per_account: HashMap<u64, Vec<u64>> = HashMap::new();
+    for o in &done {
+        *per_event
+            .entry(o["event_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        let n = o["output"]["n"].as_u64().unwrap();
+        per_account.entry(n % 10).or_default().push(n);
+    }
+    assert_eq!(per_event.len(), 400, "none lost");
+    assert!(per_event.values().all(|c| *c == 1), "none handled twice");
+    for (acct, ns) in per_account {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "account {acct} out of order: {ns:?}"
+        );
+    }
+    Ok(())
+}
