@@ -11,6 +11,7 @@
 //! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
 
 pub mod flow;
+pub mod health;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub struct Route {
     pub version: u32,
     pub patterns: Vec<String>,
     pub priority: grizzly_shared::Priority,
+    pub capabilities: Vec<String>,
 }
 
 /// The routing table: for each event, the handlers that must run.
@@ -73,6 +75,7 @@ impl RouteTable {
                     version: h.spec.version,
                     patterns: h.spec.on.clone(),
                     priority: h.spec.priority,
+                    capabilities: h.spec.capabilities.clone(),
                 })
                 .collect(),
         }
@@ -97,6 +100,13 @@ impl RouteTable {
         })
     }
 
+    /// Every handler that declares `capability`.
+    pub fn with_capability<'a>(&'a self, capability: &'a str) -> impl Iterator<Item = &'a Route> {
+        self.routes
+            .iter()
+            .filter(move |r| r.capabilities.iter().any(|c| c == capability))
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }
@@ -111,6 +121,8 @@ pub struct Listener {
     settings: Settings,
     routes: Arc<RouteTable>,
     flow: flow::FlowControl,
+    health: Arc<std::sync::RwLock<health::HandlerHealth>>,
+    round_robin: std::sync::atomic::AtomicUsize,
 }
 
 impl Listener {
@@ -121,7 +133,30 @@ impl Listener {
             nats,
             settings,
             routes: Arc::new(RouteTable::from_handlers(handlers)),
+            health: Default::default(),
+            round_robin: Default::default(),
         })
+    }
+
+    /// One handler with `capability`: healthy ones first (spreading load round-robin); when
+    /// none is healthy, any of them (its tasks wait in `TASKS` until a worker serves it).
+    fn pick_capable<'a>(&'a self, capability: &'a str) -> Option<&'a Route> {
+        let capable: Vec<&Route> = self.routes.with_capability(capability).collect();
+        let health = self.health.read().expect("health lock");
+        let healthy: Vec<&Route> = capable
+            .iter()
+            .copied()
+            .filter(|r| health.is_healthy(&r.handler))
+            .collect();
+        let pool = if healthy.is_empty() {
+            &capable
+        } else {
+            &healthy
+        };
+        let n = self
+            .round_robin
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pool.get(n % pool.len().max(1)).copied()
     }
 
     async fn consumer(&self) -> anyhow::Result<consumer::Consumer<pull::Config>> {
@@ -154,6 +189,18 @@ impl Listener {
         self.flow
             .connect(&self.nats.js, self.settings.streams.replicas)
             .await?;
+        let leases = nats::ensure_lease_bucket(
+            &self.nats.js,
+            self.settings.worker.lease_ttl,
+            self.settings.streams.replicas,
+        )
+        .await?;
+        // Know the workers before the first event, then keep up with their heartbeats.
+        match health::HandlerHealth::read(&leases).await {
+            Ok(now) => *self.health.write().expect("health lock") = now,
+            Err(e) => warn!(error = %e, "cannot read worker heartbeats yet"),
+        }
+        tokio::spawn(health::watch(leases, self.health.clone(), shutdown.clone()));
         let consumer = self.consumer().await?;
         info!(routes = self.routes.len(), "listener routing");
         let mut in_flight = FuturesUnordered::new();
@@ -268,7 +315,29 @@ impl Listener {
         let mut out = Vec::new();
         match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
             Ok(event) => {
-                for route in self.routes.matching(msg.subject.as_str(), &event) {
+                let mut targets: Vec<&Route> =
+                    self.routes.matching(msg.subject.as_str(), &event).collect();
+                if let Some(capability) = &event.capability {
+                    match self.pick_capable(capability) {
+                        Some(route) if !targets.iter().any(|t| t.handler == route.handler) => {
+                            targets.push(route)
+                        }
+                        Some(_) => {}
+                        None => {
+                            let err = IngestError::UnknownCapability {
+                                subject: msg.subject.to_string(),
+                                capability: capability.clone(),
+                            };
+                            warn!(error = %err, "dead-lettering unroutable event");
+                            let dead = ingest_dead_letter(&err, &stored);
+                            let publish = PublishMessage::build()
+                                .payload(dead.to_json_bytes())
+                                .message_id(format!("ingest:{}", info.stream_sequence));
+                            out.push((DLQ_INGEST.to_string(), publish));
+                        }
+                    }
+                }
+                for route in targets {
                     // An event's own priority beats the handler's default.
                     let priority = if event.priority != grizzly_shared::Priority::Normal {
                         event.priority

@@ -93,6 +93,9 @@ pub struct EventEnvelope {
     pub causationid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Extension: ask for a handler by capability instead of by subject pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
 }
 
 fn default_content_type() -> String {
@@ -117,6 +120,8 @@ pub enum IngestError {
     },
     #[error("CloudEvent on `{subject}` is invalid: {reason}")]
     InvalidCloudEvent { subject: String, reason: String },
+    #[error("event on `{subject}` asks for capability `{capability}`, which no handler has")]
+    UnknownCapability { subject: String, capability: String },
 }
 
 impl IngestError {
@@ -127,6 +132,7 @@ impl IngestError {
             Self::Oversized { .. } => "oversized",
             Self::NotJson { .. } => "not_json",
             Self::InvalidCloudEvent { .. } => "invalid_cloudevent",
+            Self::UnknownCapability { .. } => "unknown_capability",
         }
     }
 }
@@ -175,6 +181,7 @@ impl EventEnvelope {
             priority: Priority::Normal,
             causationid: None,
             traceparent: None,
+            capability: None,
         }
     }
 
@@ -203,6 +210,7 @@ impl EventEnvelope {
             correlationid: Some(self.correlation_id().to_string()),
             causationid: Some(self.id.clone()),
             traceparent: self.traceparent.clone(),
+            capability: None,
         }
     }
 
@@ -281,6 +289,7 @@ impl EventEnvelope {
             ),
             causationid: header(msg.headers, headers::CAUSATION_ID).map(str::to_string),
             traceparent: header(msg.headers, headers::TRACEPARENT).map(str::to_string),
+            capability: header(msg.headers, headers::CAPABILITY).map(str::to_string),
             id,
             source: header(msg.headers, headers::SOURCE)
                 .unwrap_or("nats")

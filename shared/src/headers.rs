@@ -13,3 +13,5 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// On dead letters: why the message is there.
 pub const DLQ_REASON: &str = "Grizzly-Dlq-Reason";
+/// Ask for a handler by capability (raw bodies; CloudEvents use the `capability` attribute).
+pub const CAPABILITY: &str = "Grizzly-Capability";

@@ -146,9 +146,16 @@ impl TestEnv {
         self.start_worker_with(self.settings.clone()).await
     }
 
-    pub async fn start_worker_with(&self, settings: Settings) -> anyhow::Result<Component> {
+    pub async fn start_worker_with(&self, mut settings: Settings) -> anyhow::Result<Component> {
+        // In-process workers share a pid: give each its own identity (leases, heartbeats).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        if settings.worker.id.is_none() {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            settings.worker.id = Some(format!("test-{}-{n}", std::process::id()));
+        }
         let nats = nats::connect(&settings.nats_url, "test-worker", false).await?;
-        let worker = grizzly_worker::Worker::new(nats, settings, &self.handlers())?;
+        let handlers = load_handlers(&settings.handlers_dir).expect("handlers load");
+        let worker = grizzly_worker::Worker::new(nats, settings, &handlers)?;
         Ok(spawn(|stop| worker.run(stop)))
     }
 

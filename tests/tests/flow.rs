@@ -265,3 +265,139 @@ async fn listener_replicas_fail_over_without_losing_or_duplicating_and_keep_orde
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() -> anyhow::Result<()>
+{
+    let env = TestEnv::start().await?;
+    for (name, capability) in [
+        ("alpha", "summarize"),
+        ("beta", "summarize"),
+        ("gamma", "translate"),
+    ] {
+        handler(
+            &env,
+            name,
+            "events.never.*.x",
+            &format!("capabilities: [{capability}]"),
+        );
+    }
+    // Worker 1 serves alpha and gamma; nobody serves beta yet.
+    let only = |names: &[&str]| -> anyhow::Result<grizzly_shared::Settings> {
+        let dir = env.path().join(format!("w-{}", names.join("-")));
+        std::fs::create_dir_all(&dir)?;
+        for n in names {
+            std::fs::copy(
+                env.settings.handlers_dir.join(format!("{n}.yaml")),
+                dir.join(format!("{n}.yaml")),
+            )?;
+        }
+        let mut s = env.settings.clone();
+        s.handlers_dir = dir;
+        Ok(s)
+    };
+    let _w1 = env.start_worker_with(only(&["alpha", "gamma"])?).await?;
+    // The listener starts once worker 1's heartbeat is in the bucket.
+    let leases =
+        grizzly_shared::nats::ensure_lease_bucket(&env.nats.js, env.settings.worker.lease_ttl, 1)
+            .await?;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while grizzly_listener::health::HandlerHealth::read(&leases)
+        .await
+        .map(|h| !h.is_healthy("alpha"))
+        .unwrap_or(true)
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "worker 1 never sent a heartbeat"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _listener = env.start_listener().await?;
+    let mut watch = env.watch().await?;
+    let mut dlq = env.watch_dlq().await?;
+    let ask = |capability: &'static str, n: usize| {
+        let js = env.nats.js.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("Grizzly-Capability", capability);
+            js.publish_with_headers(
+                format!("events.req.r{n}.asked"),
+                headers,
+                json!({"n": n}).to_string().into(),
+            )
+            .await?
+            .await?;
+            anyhow::Ok(())
+        }
+    };
+    for n in 0..10 {
+        ask("summarize", n).await?;
+    }
+    ask("translate", 10).await?;
+    ask("fly", 11).await?;
+    watch
+        .wait_for_type("handler_succeeded", 11, DEADLINE)
+        .await?;
+    let by_handler = |seen: &[LoggedEvent]| {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for o in seen
+            .iter()
+            .filter(|e| e.event_type() == "handler_succeeded")
+        {
+            *counts
+                .entry(o.data()["handler"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        counts
+    };
+    let counts = by_handler(&watch.seen);
+    assert_eq!(counts.get("alpha"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("gamma"), Some(&1), "{counts:?}");
+    assert_eq!(
+        counts.get("beta"),
+        None,
+        "beta has no live worker: {counts:?}"
+    );
+    let dead = dlq.wait_until(DEADLINE, |s| !s.is_empty()).await?[0].clone();
+    let record: serde_json::Value = serde_json::from_slice(&dead.payload)?;
+    assert_eq!(record["kind"], "unknown_capability");
+
+    // Once beta has a worker, summarize requests spread over alpha and beta.
+    let _w2 = env.start_worker_with(only(&["beta"])?).await?;
+    // Ask one at a time until the listener has seen beta's heartbeat and routes one to it.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let mut n = 100;
+    while !by_handler(&watch.seen).contains_key("beta") {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "beta never got a request"
+        );
+        let done = by_handler(&watch.seen).values().sum::<usize>();
+        ask("summarize", n).await?;
+        n += 1;
+        watch
+            .wait_until(DEADLINE, |seen| {
+                by_handler(seen).values().sum::<usize>() > done
+            })
+            .await?;
+    }
+    let before = by_handler(&watch.seen);
+    for n in 1000..1020 {
+        ask("summarize", n).await?;
+    }
+    let total_before: usize = before.values().sum();
+    watch
+        .wait_until(DEADLINE, |seen| {
+            by_handler(seen).values().sum::<usize>() >= total_before + 20
+        })
+        .await?;
+    let after = by_handler(&watch.seen);
+    let alpha = after["alpha"] - before["alpha"];
+    let beta = after["beta"] - before.get("beta").copied().unwrap_or(0);
+    assert!(
+        alpha >= 5 && beta >= 5,
+        "load not spread: alpha {alpha}, beta {beta}"
+    );
+    Ok(())
+}

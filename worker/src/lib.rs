@@ -167,7 +167,7 @@ impl Worker {
         leases
             .put(
                 format!("worker.{}", self.id),
-                serde_json::to_vec(&json!({"handlers": names}))?.into(),
+                serde_json::to_vec(&self.heartbeat(&names))?.into(),
             )
             .await?;
         let live = self.live_workers(leases).await?;
@@ -262,6 +262,23 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// What other components learn about this worker: the handlers (and versions) it serves and
+    /// which of them have an open circuit breaker.
+    fn heartbeat(&self, names: &[&str]) -> serde_json::Value {
+        let open: Vec<&str> = self
+            .handlers
+            .iter()
+            .filter(|h| h.breaker.state().name() == "open")
+            .map(|h| h.name())
+            .collect();
+        let versions: serde_json::Map<String, serde_json::Value> = self
+            .handlers
+            .iter()
+            .map(|h| (h.name().to_string(), json!(h.handler.spec.version)))
+            .collect();
+        json!({"handlers": names, "versions": versions, "open_breakers": open})
     }
 
     /// Live workers per handler, from their heartbeats.
