@@ -43,6 +43,9 @@ pub enum BenchCommand {
     Throughput {
         #[arg(long, default_value_t = 20_000)]
         events: usize,
+        /// Only this broker mode (`always` or `default`); both when absent.
+        #[arg(long)]
+        fsync: Option<String>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -55,7 +58,7 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
             cold_events,
             json,
         } => (handlers(settings, events, cold_events).await?, json),
-        BenchCommand::Throughput { events, json } => (throughput(events).await?, json),
+        BenchCommand::Throughput { events, fsync, json } => (throughput(events, fsync.as_deref()).await?, json),
     };
     if let Some(path) = path {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -466,7 +469,7 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
     Ok((figures[0].clone(), figures[1].clone()))
 }
 
-async fn throughput(events: usize) -> anyhow::Result<Value> {
+async fn throughput(events: usize, only: Option<&str>) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let handlers_dir = dir.path().join("handlers");
     std::fs::create_dir_all(&handlers_dir)?;
@@ -477,7 +480,7 @@ async fn throughput(events: usize) -> anyhow::Result<Value> {
     write(
         &handlers_dir.join("noop.yaml"),
         &format!(
-            "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"python3\", {:?}]\nconcurrency: 16\npool: {{ min: 4, max: 16 }}\n",
+            "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"python3\", {:?}]\nconcurrency: 64\npool: {{ min: 4, max: 8 }}\n",
             dir.path().join("noop.py").display().to_string()
         ),
     )?;
@@ -489,7 +492,13 @@ async fn throughput(events: usize) -> anyhow::Result<Value> {
         "{:<36} {:>10} {:>10} {:>10}",
         "", "events/s", "p50 ms", "p99 ms"
     );
-    for sync_always in [true, false] {
+    let modes: Vec<bool> = match only {
+        Some("always") => vec![true],
+        Some("default") => vec![false],
+        Some(other) => anyhow::bail!("--fsync takes `always` or `default`, not `{other}`"),
+        None => vec![true, false],
+    };
+    for sync_always in modes {
         let mode = if sync_always {
             "fsync always"
         } else {

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""End-to-end test of k8s/multi-region on this machine (loopback only), run by
+scripts/validate-k8s.sh.
+
+Two single-server NATS "regions" are started with the committed region configuration: the
+JetStream domain from region-*/nats-jetstream-limits.conf and the leafnode settings from
+region-*/nats-site.conf (addresses and TLS files replaced by loopback ones). Then the
+failover runbook of docs/multi-region.md is played:
+
+ 1. region A (use1) holds EVENTS and DLQ; region B (euw1) creates its copies from
+    streams/euw1/*.json and catches up; no application message crosses the link directly;
+ 2. region A dies; region B is promoted the way Grizzly's ensure_streams does it (update
+    without `sources`), and the listener consumer from consumers/grizzly-listener.json,
+    started at the failover point, delivers only what came after it;
+ 3. region A comes back and, per the failback steps, re-creates EVENTS from
+    streams/use1/EVENTS.json, catching up with what region B wrote meanwhile.
+
+Streams are created with num_replicas 1 here (one server per region); everything else is the
+committed JSON. Needs NATS_SERVER (nats-server binary) and nats-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+
+sys.path.insert(0, str(Path(__file__).parent))
+from check import make_test_tls  # noqa: E402
+
+MR = Path(__file__).resolve().parents[1] / "multi-region"
+FAILED: list[str] = []
+
+
+def result(ok: bool, what: str, detail: str = "") -> None:
+    print(("ok   " if ok else "FAIL ") + what + ("" if ok or not detail else f": {detail}"))
+    if not ok:
+        FAILED.append(what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grizzly_stream_config(name: str, source_json: dict) -> dict:
+    """The config Grizzly's ensure_streams writes: the committed JSON without `sources`."""
+    return {k: v for k, v in source_json.items() if k != "sources"} | {"num_replicas": 1}
+
+
+class Region:
+    def __init__(self, name: str, work: Path, tls: Path, leaf_port: int, hub_port: int):
+        self.name, self.dir = name, work / name
+        self.dir.mkdir()
+        self.port = free_port()
+        site = (MR / name / "nats-site.conf").read_text()
+        site = site.replace("/etc/nats-tls/leafnode", str(tls))
+        site = site.replace("listen: 0.0.0.0:7422", f"listen: 127.0.0.1:{leaf_port}")
+        site = re.sub(r"nats-leaf://[\w.-]+:7422", f"nats-leaf://localhost:{hub_port}", site)
+        (self.dir / "site.conf").write_text(site)
+        (self.dir / "jetstream-limits.conf").write_text((MR / name / "nats-jetstream-limits.conf").read_text())
+        (self.dir / "nats.conf").write_text(
+            f"server_name: {name}\nlisten: 127.0.0.1:{self.port}\n"
+            f"jetstream {{\n  store_dir: {self.dir / 'store'}\n  sync_interval: always\n"
+            f"  include ./jetstream-limits.conf\n}}\ninclude ./site.conf\n")
+        self.proc = None
+
+    def start(self):
+        log = open(self.dir / "server.log", "a")
+        self.proc = subprocess.Popen([os.environ["NATS_SERVER"], "-c", str(self.dir / "nats.conf")],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: nats-server did not start; see {self.dir / 'server.log'}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    async def connect(self):
+        return await nats.connect(f"nats://127.0.0.1:{self.port}", max_reconnect_attempts=0)
+
+
+async def api(nc, subject: str, body: dict | None = None) -> dict:
+    reply = await nc.request(subject, json.dumps(body or {}).encode(), timeout=5)
+    return json.loads(reply.data)
+
+
+async def wait_count(nc, stream: str, want: int, timeout: float = 20) -> int:
+    deadline = time.time() + timeout
+    n = -1
+    while time.time() < deadline:
+        info = await api(nc, f"$JS.API.STREAM.INFO.{stream}")
+        n = info.get("state", {}).get("messages", -1)
+        if n == want:
+            return n
+        await asyncio.sleep(0.2)
+    return n
+
+
+async def wait_leafnode(nc, domain: str, timeout: float = 15) -> bool:
+    # The other domain's JetStream API answers across the link once the leafnode is up.
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            info = await api(nc, f"$JS.{domain}.API.INFO")
+            if "error" not in info:
+                return True
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def publish(nc, n: int, start: int, tag: str) -> None:
+    js = nc.jetstream()
+    for i in range(start, start + n):
+        await js.publish(f"events.agent.a{i % 4}.ping", json.dumps({"i": i}).encode(),
+                         headers={"Nats-Msg-Id": f"{tag}-{i}"})
+
+
+async def pull(nc, stream: str, consumer: str, group: str, batch: int) -> list:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                     json.dumps({"batch": batch, "expires": 2_000_000_000, "group": group}).encode(),
+                     reply=inbox)
+    got = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=3)
+            if msg.data:  # status messages (timeouts, pins) have no body
+                got.append(json.loads(msg.data)["i"])
+    except Exception:
+        pass
+    await sub.unsubscribe()
+    return got
+
+
+async def scenario(work: Path) -> None:
+    tls = work / "tls"
+    tls.mkdir()
+    make_test_tls(tls)
+    leaf = free_port()
+    a = Region("region-a", work, tls, leaf, leaf)
+    b = Region("region-b", work, tls, leaf, leaf)
+    euw1 = {n: json.loads((MR / f"streams/euw1/{n}.json").read_text()) for n in ("EVENTS", "DLQ")}
+    use1 = {n: json.loads((MR / f"streams/use1/{n}.json").read_text()) for n in ("EVENTS", "DLQ")}
+    consumer = json.loads((MR / "consumers/grizzly-listener.json").read_text())
+    try:
+        a.start()
+        b.start()
+        na, nb = await a.connect(), await b.connect()
+        result(await wait_leafnode(nb, "use1"), "region B reaches region A's JetStream domain use1 over the leafnode (mutual TLS)")
+
+        # 1. Region A active; region B sources EVENTS and DLQ.
+        for name in ("EVENTS", "DLQ"):
+            r = await api(na, f"$JS.API.STREAM.CREATE.{name}", grizzly_stream_config(name, euw1[name]))
+            result("error" not in r, f"region A: {name} created with Grizzly's config", str(r.get("error")))
+            r = await api(nb, f"$JS.API.STREAM.CREATE.{name}", euw1[name] | {"num_replicas": 1})
+            result("error" not in r, f"region B: {name} created from streams/euw1/{name}.json", str(r.get("error")))
+        leak = await nb.subscribe("events.>")
+        await publish(na, 20, 0, "a")
+        await na.jetstream().publish("dlq.summarize", b'{"error":"x"}', headers={"Nats-Msg-Id": "d1"})
+        n = await wait_count(nb, "EVENTS", 20)
+        result(n == 20, "region B's EVENTS caught up with region A's (20 events)", f"has {n}")
+        n = await wait_count(nb, "DLQ", 1)
+        result(n == 1, "region B's DLQ caught up with region A's", f"has {n}")
+        try:
+            await leak.next_msg(timeout=0.5)
+            result(False, "application subjects do not cross the leafnode (only stream sourcing does)")
+        except Exception:
+            result(True, "application subjects do not cross the leafnode (only stream sourcing does)")
+        await leak.unsubscribe()
+
+        # 2. Failover: region A dies after 5 more events; region B is promoted.
+        await asyncio.sleep(1.1)
+        failover_point = dt.datetime.now(dt.timezone.utc)
+        await asyncio.sleep(0.1)
+        await publish(na, 5, 20, "a")
+        n = await wait_count(nb, "EVENTS", 25)
+        result(n == 25, "events written just before the failure reached region B", f"has {n}")
+        await na.close()
+        a.stop()
+        for name in ("EVENTS", "DLQ"):
+            r = await api(nb, f"$JS.API.STREAM.UPDATE.{name}", grizzly_stream_config(name, euw1[name]))
+            result("error" not in r and not r.get("config", {}).get("sources"),
+                   f"region B: {name} promoted by an update without sources (as ensure_streams does)",
+                   str(r.get("error")))
+        cfg = consumer | {"opt_start_time": failover_point.isoformat().replace("+00:00", "Z")}
+        r = await api(nb, f"$JS.API.CONSUMER.CREATE.EVENTS.{cfg['durable_name']}",
+                      {"stream_name": "EVENTS", "config": cfg})
+        result("error" not in r, "region B: listener consumer created from consumers/grizzly-listener.json",
+               str(r.get("error")))
+        got = await pull(nb, "EVENTS", cfg["durable_name"], cfg["priority_groups"][0], 50)
+        result(sorted(got) == list(range(20, 25)),
+               "the failover consumer delivers only the events after the failover point", f"got {got}")
+        await publish(nb, 3, 100, "b")
+        n = await wait_count(nb, "EVENTS", 28, 5)
+        result(n == 28, "region B accepts new events once promoted", f"has {n}")
+
+        # 3. Failback: region A returns and re-creates EVENTS from streams/use1/EVENTS.json.
+        a.start()
+        na = await a.connect()
+        result(await wait_leafnode(na, "euw1", 30), "region A, restarted, reaches region B's domain euw1")
+        await api(na, "$JS.API.STREAM.DELETE.EVENTS")
+        r = await api(na, "$JS.API.STREAM.CREATE.EVENTS", use1["EVENTS"] | {"num_replicas": 1})
+        result("error" not in r, "region A: EVENTS re-created from streams/use1/EVENTS.json", str(r.get("error")))
+        n = await wait_count(na, "EVENTS", 28)
+        result(n == 28, "region A caught up with everything region B holds (28 events)", f"has {n}")
+        await na.close()
+        await nb.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            asyncio.run(asyncio.wait_for(scenario(Path(work)), timeout=120))
+        except Exception as e:  # a hang or crash is a failure, with the servers' logs
+            result(False, "multi-region scenario ran to the end", repr(e))
+            for log in Path(work).glob("*/server.log"):
+                print(f"--- {log}\n" + log.read_text()[-3000:])
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
