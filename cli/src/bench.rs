@@ -58,7 +58,11 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
             cold_events,
             json,
         } => (handlers(settings, events, cold_events).await?, json),
-        BenchCommand::Throughput { events, fsync, json } => (throughput(events, fsync.as_deref()).await?, json),
+        BenchCommand::Throughput {
+            events,
+            fsync,
+            json,
+        } => (throughput(events, fsync.as_deref()).await?, json),
     };
     if let Some(path) = path {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -509,7 +513,7 @@ async fn throughput(events: usize, only: Option<&str>) -> anyhow::Result<Value> 
             sync_always,
             &handlers_dir,
             |s| {
-                s.partitions = 8;
+                s.partitions = 32;
             },
         )
         .await?;

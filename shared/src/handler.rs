@@ -223,8 +223,10 @@ pub struct HandlerSpec {
     pub dedup: Option<DedupSpec>,
     #[serde(default)]
     pub pool: PoolSpec,
-    #[serde(default)]
-    pub recycle: RecycleSpec,
+    /// When to replace a warm instance. Default: `claude` instances after 250 turns or 600 MiB;
+    /// `process` instances never (set it to recycle a leaky script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle: Option<RecycleSpec>,
     #[serde(default)]
     pub session: SessionMode,
     /// `claude`: system prompt for the lean start (`--system-prompt`).

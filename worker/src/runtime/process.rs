@@ -132,7 +132,8 @@ impl ProcessRuntime {
     pub fn new(spec: &HandlerSpec) -> Self {
         let command = spec.command.clone();
         let env = spec.env.clone();
-        let max_turns = spec.recycle.max_turns;
+        // 0 = never: a persistent script is replaced only when asked for.
+        let max_turns = spec.recycle.as_ref().map_or(0, |r| r.max_turns);
         let spawner = Arc::new(move || {
             let command = command.clone();
             let env = env.clone();

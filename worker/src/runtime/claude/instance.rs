@@ -147,7 +147,7 @@ impl Launch {
             nats_url: settings.nats_url.clone(),
             env,
             env_remove,
-            recycle: spec.recycle.clone(),
+            recycle: spec.recycle.clone().unwrap_or_default(),
         })
     }
 }

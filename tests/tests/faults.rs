@@ -1,0 +1,1313 @@
+//! Fault injection (issue 8, "Prove the promises"): a steady stream of events over 30
+//! aggregates runs through real `grizzly-listener` / `grizzly-worker` child processes, a real
+//! `nats-server`, two `process` handlers, an always-failing one and one `claude` handler (the
+//! real Claude Code CLI against the fake Messages API), and during it one fault is injected per
+//! scenario. Afterwards the whole log is read back and checked:
+//!
+//! - every acknowledged event has exactly one `handler_succeeded` per handler it routes to, or is
+//!   in the DLQ with its reason (poison);
+//! - nothing happened twice: `handler_succeeded` per (event, handler), emitted events, dead
+//!   letters and the published events themselves are counted as *messages in the log* (the
+//!   stream's duplicate window hides re-sends, so any extra message is a real duplicate);
+//! - per aggregate, each handler's outcomes follow the log order of their causes;
+//! - the system recovered by itself; recovery time = from the fault to the first outcome of the
+//!   work the fault affected (server-side store times).
+//!
+//! The coordinator is not part of the run: `grizzly-coordinator` has no workflow engine yet
+//! (it connects, sets up the streams and idles), so killing it proves nothing.
+//!
+//! `cargo test -p grizzly-tests --test faults -- --nocapture` prints the table. The default run
+//! is the CI size (500 events per fault); `GRIZZLY_SOAK=1` runs 3,000 events per fault.
+//! Needs `cargo build --workspace --bins` first (the components run as real processes).
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail, ensure};
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use grizzly_devkit::{FakeApiConfig, FakeApiHandle, FakeMessagesApi};
+use grizzly_shared::dlq::DeadLetter;
+use grizzly_shared::envelope::StoredMessage;
+use grizzly_shared::ids::stable_hash;
+use grizzly_shared::nats::{DLQ_STREAM, EVENTS_STREAM, LEASES_BUCKET};
+use grizzly_shared::task::partition_for;
+use grizzly_shared::{EventEnvelope, EventSubject};
+use grizzly_tests::{ChildProcess, LoggedEvent, TestEnv};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const AGGREGATES: usize = 30;
+/// Bodies above this are dead-lettered by the listener (`oversized`).
+const MAX_EVENT_BYTES: usize = 16 * 1024;
+
+/// How big a run is: CI (default) or soak (`GRIZZLY_SOAK=1`).
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    events: usize,
+    /// Events per tick; the stream is `burst / tick` events per second.
+    burst: usize,
+    tick: Duration,
+    /// Deadline for the system to finish all work once the stream ended.
+    settle: Duration,
+}
+
+fn profile() -> Profile {
+    if std::env::var("GRIZZLY_SOAK").is_ok_and(|v| !v.is_empty() && v != "0") {
+        Profile {
+            events: 3000,
+            burst: 20,
+            tick: Duration::from_millis(100),
+            settle: Duration::from_secs(240),
+        }
+    } else {
+        Profile {
+            events: 500,
+            burst: 10,
+            tick: Duration::from_millis(100),
+            settle: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What is mixed into the stream (per mille of events, or one in `every`).
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    /// `audit` fails the first attempt (then succeeds on retry).
+    fail_per_mille: u64,
+    /// `audit` hangs past its timeout on the first attempt.
+    hang_per_mille: u64,
+    /// One malformed, one oversized and one always-failing event in every `poison_every`.
+    poison_every: usize,
+    /// One `claude` turn in every `claude_every`.
+    claude_every: usize,
+}
+
+const BASELINE: Mix = Mix {
+    fail_per_mille: 20,
+    hang_per_mille: 4,
+    poison_every: 100,
+    claude_every: 50,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillListener,
+    KillWorker,
+    KillAll,
+    KillBroker,
+    StopWorker,
+    HandlerFaults,
+    Poison,
+    StorageFull,
+}
+
+impl Fault {
+    fn label(self) -> &'static str {
+        match self {
+            Fault::KillListener => "SIGKILL listener",
+            Fault::KillWorker => "SIGKILL worker",
+            Fault::KillAll => "SIGKILL listener+2 workers",
+            Fault::KillBroker => "SIGKILL+restart nats-server",
+            Fault::StopWorker => "SIGSTOP worker > ack_wait",
+            Fault::HandlerFaults => "handlers fail 5%/hang 1%",
+            Fault::Poison => "poison (bad JSON/oversized/doomed)",
+            Fault::StorageFull => "EVENTS storage full",
+        }
+    }
+
+    fn mix(self) -> Mix {
+        match self {
+            Fault::HandlerFaults => Mix {
+                fail_per_mille: 50,
+                hang_per_mille: 10,
+                ..BASELINE
+            },
+            Fault::Poison => Mix {
+                poison_every: 25,
+                ..BASELINE
+            },
+            _ => BASELINE,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+/// One persistent JSON-lines process, three roles:
+/// - `ledger`: always succeeds; emits `ledger_noted` for every 4th `n`;
+/// - `audit`: fails (`fail_first`) or hangs (`hang_first`) on an event's first attempt only —
+///   decided by the event's data, remembered across processes with marker files;
+/// - `doomed`: always fails.
+///
+/// A hang waits on stdin, so the process exits as soon as the worker closes its pipe (timeout
+/// or worker crash) instead of lingering.
+const HANDLER_PY: &str = r#"
+import json, os, select, sys
+role, marks = sys.argv[1], sys.argv[2]
+
+def first_time(event_id, kind):
+    try:
+        os.close(os.open(os.path.join(marks, event_id + "." + kind), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+for line in sys.stdin:
+    event = json.loads(line)
+    data = event.get("data") or {}
+    n = data.get("n")
+    if role == "doomed":
+        print(json.dumps({"done": True, "error": "doomed: this handler always fails"}), flush=True)
+        continue
+    if role == "audit":
+        if data.get("hang_first") and first_time(event["id"], "hang"):
+            select.select([sys.stdin], [], [], 300)
+            sys.exit(0)
+        if data.get("fail_first") and first_time(event["id"], "fail"):
+            print(json.dumps({"done": True, "error": "injected failure for n=%s" % n}), flush=True)
+            continue
+    if role == "ledger" and isinstance(n, int) and n % 4 == 0:
+        print(json.dumps({"type": "ledger_noted", "data": {"n": n}}))
+    print(json.dumps({"done": True, "output": {"n": n, "pid": os.getpid()}}), flush=True)
+"#;
+
+fn write_handlers(env: &TestEnv, fake: &FakeApiHandle) -> anyhow::Result<()> {
+    let script = env.write_script("handler.py", HANDLER_PY);
+    let marks = env.path().join("marks");
+    std::fs::create_dir_all(&marks)?;
+    let process = |name: &str, on: &str, extra: &str| {
+        env.write_handler(
+            name,
+            &format!(
+                "name: {name}\non: [\"{on}\"]\nkind: process\ncommand: [\"python3\", \"{}\", \"{name}\", \"{}\"]\n{extra}\n",
+                script.display(),
+                marks.display()
+            ),
+        );
+    };
+    let retry = "retry: { max_attempts: 4, initial_backoff: 50ms, max_backoff: 500ms }";
+    process(
+        "ledger",
+        "events.acct.*.op",
+        &format!("concurrency: 4\n{retry}"),
+    );
+    process(
+        "audit",
+        "events.acct.*.op",
+        &format!("concurrency: 4\ntimeout: 2s\n{retry}"),
+    );
+    process(
+        "doomed",
+        "events.acct.*.doom",
+        "concurrency: 2\nretry: { max_attempts: 2, initial_backoff: 20ms, max_backoff: 50ms }\nbreaker: { failure_threshold: 1000000 }",
+    );
+    let mut agent = String::from(
+        "name: agent\non: [\"events.agent.*.task_requested\"]\nkind: claude\ntemplate: \"{{ data.text }}\"\n\
+         concurrency: 1\npool: { min: 1, max: 1 }\ntimeout: 60s\n\
+         retry: { max_attempts: 5, initial_backoff: 200ms, max_backoff: 2s }\nenv:\n",
+    );
+    for (k, v) in fake.claude_env() {
+        agent.push_str(&format!("  {k}: \"{v}\"\n"));
+    }
+    env.write_handler("agent", &agent);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stream
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Op { fail_first: bool, hang_first: bool },
+    Claude,
+    Doomed,
+    Malformed,
+    Oversized,
+}
+
+impl Kind {
+    fn is_poison(self) -> bool {
+        matches!(self, Kind::Doomed | Kind::Malformed | Kind::Oversized)
+    }
+}
+
+/// One event of the stream, decided by its index alone (reruns publish the same stream).
+#[derive(Debug, Clone)]
+struct Planned {
+    n: usize,
+    kind: Kind,
+    subject: String,
+    /// The envelope id, or the `Nats-Msg-Id` of a raw body.
+    id: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+fn per_mille(n: usize, salt: &str) -> u64 {
+    stable_hash(&format!("{salt}:{n}")) % 1000
+}
+
+fn plan(n: usize, mix: Mix) -> Planned {
+    let agg = format!("a{}", n % AGGREGATES);
+    let kind = if n % mix.claude_every == 7 {
+        Kind::Claude
+    } else if mix.poison_every > 0 && n % mix.poison_every == 13 {
+        Kind::Malformed
+    } else if mix.poison_every > 0 && n % mix.poison_every == 29 {
+        Kind::Oversized
+    } else if mix.poison_every > 0 && n % mix.poison_every == 41 {
+        Kind::Doomed
+    } else {
+        let hang_first = per_mille(n, "hang") < mix.hang_per_mille;
+        Kind::Op {
+            fail_first: !hang_first && per_mille(n, "fail") < mix.fail_per_mille,
+            hang_first,
+        }
+    };
+    let envelope = |subject: EventSubject, data: Value| {
+        let event = EventEnvelope::new(&subject, "faults", data);
+        Planned {
+            n,
+            kind,
+            subject: subject.to_string(),
+            id: event.id.clone(),
+            headers: event.headers(),
+            body: event.to_json_bytes(),
+        }
+    };
+    let raw = |body: Bytes| {
+        let id = format!("raw-{n}");
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        Planned {
+            n,
+            kind,
+            subject: format!("events.acct.{agg}.op"),
+            id,
+            headers,
+            body,
+        }
+    };
+    match kind {
+        Kind::Op {
+            fail_first,
+            hang_first,
+        } => envelope(
+            EventSubject::new("acct", &agg, "op").expect("valid"),
+            json!({"n": n, "fail_first": fail_first, "hang_first": hang_first}),
+        ),
+        Kind::Doomed => envelope(
+            EventSubject::new("acct", &agg, "doom").expect("valid"),
+            json!({"n": n}),
+        ),
+        Kind::Claude => envelope(
+            EventSubject::new("agent", &format!("c{}", n % 3), "task_requested").expect("valid"),
+            json!({"n": n, "text": format!(
+                "note {n} [[tool:emit_event {{\"type\":\"summary_ready\",\"data\":{{\"n\":{n}}}}}]]"
+            )}),
+        ),
+        Kind::Malformed => raw(Bytes::from(format!("{{\"n\": {n}, this is not json"))),
+        Kind::Oversized => raw(Bytes::from(
+            json!({"n": n, "pad": "x".repeat(MAX_EVENT_BYTES + 1024)}).to_string(),
+        )),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    planned: Planned,
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Published {
+    acked: Vec<Sent>,
+    /// Refused by the broker with an error the publisher saw (a full log).
+    refused: Vec<(Planned, String)>,
+}
+
+/// Publishes the stream at a steady rate; a refused publish (full log) is recorded, a transient
+/// failure (broker down) is re-sent with the same `Nats-Msg-Id` until the broker confirms it.
+struct Publisher {
+    handle: tokio::task::JoinHandle<anyhow::Result<Published>>,
+    progress: watch::Receiver<usize>,
+    refusals: watch::Receiver<usize>,
+}
+
+fn is_refusal(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("maximum bytes") || e.contains("insufficient") || e.contains("resources")
+}
+
+impl Publisher {
+    fn start(env: &TestEnv, profile: Profile, mix: Mix) -> Self {
+        // Its own context with a short timeout, so a dead broker is noticed quickly.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(env.nats.client.clone());
+        let (progress_tx, progress) = watch::channel(0usize);
+        let (refusals_tx, refusals) = watch::channel(0usize);
+        let handle = tokio::spawn(async move {
+            let mut out = Published::default();
+            let mut tick = tokio::time::interval(profile.tick);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let plans: Vec<Planned> = (0..profile.events).map(|n| plan(n, mix)).collect();
+            for chunk in plans.chunks(profile.burst) {
+                tick.tick().await;
+                for p in chunk {
+                    let give_up = Instant::now() + Duration::from_secs(90);
+                    loop {
+                        let attempt = async {
+                            js.publish_with_headers(
+                                p.subject.clone(),
+                                p.headers.clone(),
+                                p.body.clone(),
+                            )
+                            .await?
+                            .await
+                            .map_err(anyhow::Error::from)
+                        };
+                        match attempt.await {
+                            Ok(ack) => {
+                                out.acked.push(Sent {
+                                    planned: p.clone(),
+                                    seq: ack.sequence,
+                                });
+                                break;
+                            }
+                            Err(e) if is_refusal(&format!("{e:#}")) => {
+                                out.refused.push((p.clone(), format!("{e:#}")));
+                                refusals_tx.send_modify(|r| *r += 1);
+                                break;
+                            }
+                            Err(e) => {
+                                ensure!(
+                                    Instant::now() < give_up,
+                                    "publishing event {} kept failing: {e:#}",
+                                    p.n
+                                );
+                                // Back-off before re-sending (the broker is down or restarting).
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    progress_tx.send_modify(|n| *n += 1);
+                }
+            }
+            Ok(out)
+        });
+        Self {
+            handle,
+            progress,
+            refusals,
+        }
+    }
+
+    async fn wait_progress(&mut self, at_least: usize, deadline: Duration) -> anyhow::Result<()> {
+        tokio::time::timeout(deadline, self.progress.wait_for(|n| *n >= at_least))
+            .await
+            .context("the publisher stalled")??;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Components as real processes
+
+struct Cluster {
+    listener: Option<ChildProcess>,
+    workers: Vec<(String, ChildProcess)>,
+    next_worker: usize,
+}
+
+fn component_env(worker_id: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        (
+            "GRIZZLY_LOG",
+            std::env::var("GRIZZLY_LOG").unwrap_or_else(|_| "error".into()),
+        ),
+        ("GRIZZLY_MAX_EVENT_BYTES", MAX_EVENT_BYTES.to_string()),
+    ];
+    if let Some(id) = worker_id {
+        env.push(("GRIZZLY_WORKER__ID", id.to_string()));
+    }
+    env
+}
+
+impl Cluster {
+    fn start(env: &TestEnv, workers: usize) -> anyhow::Result<Self> {
+        let mut c = Self {
+            listener: None,
+            workers: Vec::new(),
+            next_worker: 1,
+        };
+        c.start_listener(env)?;
+        for _ in 0..workers {
+            c.start_worker(env)?;
+        }
+        Ok(c)
+    }
+
+    fn start_listener(&mut self, env: &TestEnv) -> anyhow::Result<()> {
+        self.listener = Some(ChildProcess::start(
+            "grizzly-listener",
+            &env.settings,
+            &component_env(None),
+        )?);
+        Ok(())
+    }
+
+    fn start_worker(&mut self, env: &TestEnv) -> anyhow::Result<String> {
+        let id = format!("w{}", self.next_worker);
+        self.next_worker += 1;
+        let child = ChildProcess::start(
+            "grizzly-worker",
+            &env.settings,
+            &component_env(Some(&id)),
+        )?;
+        self.workers.push((id.clone(), child));
+        Ok(id)
+    }
+
+    fn worker_pid(&self, id: &str) -> u32 {
+        self.workers
+            .iter()
+            .find(|(w, _)| w == id)
+            .map(|(_, c)| c.pid())
+            .expect("known worker")
+    }
+
+    fn kill_worker(&mut self, id: &str) {
+        if let Some(pos) = self.workers.iter().position(|(w, _)| w == id) {
+            self.workers.remove(pos).1.kill();
+        }
+    }
+
+    /// SIGTERM everything and wait for the processes to drain and exit (SIGKILL after 20 s).
+    async fn stop(mut self) {
+        let mut children: Vec<ChildProcess> = self.workers.drain(..).map(|(_, c)| c).collect();
+        children.extend(self.listener.take());
+        for c in &children {
+            signal(c.pid(), "TERM");
+        }
+        let until = Instant::now() + Duration::from_secs(20);
+        for c in &mut children {
+            while Instant::now() < until && matches!(c.child.try_wait(), Ok(None)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Dropping SIGKILLs whatever is left.
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Partition owners from the lease bucket: `task.<handler>.<partition>` → worker id.
+async fn leases(env: &TestEnv) -> anyhow::Result<HashMap<String, String>> {
+    let kv = env.nats.js.get_key_value(LEASES_BUCKET).await?;
+    let mut out = HashMap::new();
+    let mut keys = kv.keys().await?;
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        if key.starts_with("task.")
+            && let Some(v) = kv.get(&key).await?
+        {
+            out.insert(key, String::from_utf8_lossy(&v).to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until every worker in `ids` owns at least one partition of `ledger`.
+async fn wait_balanced(env: &TestEnv, ids: &[&str], deadline: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + deadline;
+    loop {
+        let owners = leases(env).await.unwrap_or_default();
+        let balanced = ids.iter().all(|id| {
+            owners
+                .iter()
+                .any(|(k, v)| k.starts_with("task.ledger.") && v == id)
+        });
+        if balanced {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "workers {ids:?} never shared the partitions: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The lease key of the partition an outcome belongs to.
+fn lease_of(handler: &str, subject: &str, partitions: u16) -> String {
+    let mut tokens = subject.split('.').skip(1);
+    let (t, i) = (tokens.next().unwrap_or(""), tokens.next().unwrap_or(""));
+    format!(
+        "task.{handler}.{}",
+        partition_for(&format!("{t}/{i}"), partitions)
+    )
+}
+
+fn event_time(e: &LoggedEvent) -> Option<SystemTime> {
+    humantime::parse_rfc3339(&e.event.as_ref()?.time).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the logs back
+
+#[derive(Debug, Clone)]
+struct Rec {
+    seq: u64,
+    subject: String,
+    payload: Bytes,
+    /// When the broker stored it.
+    stored_at: SystemTime,
+    event: Option<EventEnvelope>,
+}
+
+impl Rec {
+    fn event_type(&self) -> &str {
+        self.subject.rsplit('.').next().unwrap_or("")
+    }
+    fn data(&self) -> Value {
+        self.event
+            .as_ref()
+            .map(|e| e.data.clone())
+            .unwrap_or_default()
+    }
+    fn str_field(&self, key: &str) -> String {
+        self.data()[key].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// Every message of `stream` up to its last sequence right now.
+async fn read_all(js: &jetstream::Context, name: &str) -> anyhow::Result<Vec<Rec>> {
+    let mut s = js.get_stream(name).await?;
+    let last = s.info().await?.state.last_sequence;
+    let mut out: Vec<Rec> = Vec::new();
+    if last == 0 {
+        return Ok(out);
+    }
+    let consumer = s
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.last().is_none_or(|r| r.seq < last) {
+        let msg = tokio::time::timeout_at(until, messages.next())
+            .await
+            .with_context(|| format!("reading {name} back: {} of {last}", out.len()))?
+            .context("stream ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let stored = StoredMessage {
+            subject: msg.subject.as_str(),
+            headers: msg.headers.as_ref(),
+            payload: &msg.payload,
+            stream_sequence: info.stream_sequence,
+            published: info.published,
+        };
+        out.push(Rec {
+            seq: info.stream_sequence,
+            subject: msg.subject.to_string(),
+            event: EventEnvelope::from_stored(&stored, usize::MAX).ok(),
+            stored_at: SystemTime::from(info.published),
+            payload: msg.payload.clone(),
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verdict
+
+#[derive(Debug, Default)]
+struct Row {
+    fault: &'static str,
+    sent: usize,
+    handled: usize,
+    in_dlq: usize,
+    lost: usize,
+    duplicated: usize,
+    recovery: Option<Duration>,
+    note: String,
+    problems: Vec<String>,
+}
+
+struct Logs {
+    events: Vec<Rec>,
+    dlq: Vec<(Rec, DeadLetter)>,
+}
+
+/// Counts and checks everything the promises say about one run.
+fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
+    let sent = &published.acked;
+    row.sent = sent.len();
+    let by_seq: HashMap<u64, &Rec> = logs.events.iter().map(|r| (r.seq, r)).collect();
+    let cause_seq: HashMap<&str, u64> = sent
+        .iter()
+        .map(|s| (s.planned.id.as_str(), s.seq))
+        .collect();
+
+    // Copies of each published event in the log (a re-send must have been de-duplicated).
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    let raw_bodies: HashMap<&[u8], &str> = sent
+        .iter()
+        .filter(|s| matches!(s.planned.kind, Kind::Malformed | Kind::Oversized))
+        .map(|s| (s.planned.body.as_ref(), s.planned.id.as_str()))
+        .collect();
+    let mut successes: HashMap<(String, String), usize> = HashMap::new();
+    let mut emitted: HashMap<(String, u64), usize> = HashMap::new();
+    let mut order_last: HashMap<(String, String), u64> = HashMap::new();
+    let mut order_violations = Vec::new();
+    for r in &logs.events {
+        if let Some(id) = raw_bodies.get(r.payload.as_ref()) {
+            *copies.entry(id).or_default() += 1;
+            continue;
+        }
+        let Some(event) = &r.event else { continue };
+        if event.source == "faults" {
+            *copies.entry(event.id.as_str()).or_default() += 1;
+            continue;
+        }
+        match r.event_type() {
+            "handler_succeeded" => {
+                let (cause, handler) = (r.str_field("event_id"), r.str_field("handler"));
+                let count = successes
+                    .entry((cause.clone(), handler.clone()))
+                    .or_default();
+                *count += 1;
+                if *count > 1 {
+                    continue;
+                }
+                let Some(seq) = cause_seq.get(cause.as_str()) else {
+                    continue;
+                };
+                let aggregate = r.subject.split('.').take(3).collect::<Vec<_>>().join(".");
+                let last = order_last
+                    .entry((handler.clone(), aggregate.clone()))
+                    .or_default();
+                if *seq < *last {
+                    order_violations.push(format!(
+                        "{handler} on {aggregate}: cause seq {seq} handled after {last}"
+                    ));
+                }
+                *last = (*last).max(*seq);
+            }
+            "ledger_noted" | "summary_ready" => {
+                let n = r.data()["n"].as_u64().unwrap_or(u64::MAX);
+                *emitted.entry((r.event_type().to_string(), n)).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    let mut dead: HashMap<String, usize> = HashMap::new();
+    let mut dead_kind: HashMap<String, String> = HashMap::new();
+    for (_, d) in &logs.dlq {
+        let key = match (&d.handler, &d.event) {
+            (Some(h), Some(e)) => format!("{}/{h}", e.id),
+            _ => format!("seq/{}", d.event_seq.unwrap_or(0)),
+        };
+        *dead.entry(key.clone()).or_default() += 1;
+        dead_kind.insert(key, d.kind.clone());
+    }
+
+    let succeeded = |id: &str, h: &str| {
+        successes
+            .get(&(id.to_string(), h.to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let (mut good, mut good_handled) = (0usize, 0usize);
+    for s in sent {
+        let p = &s.planned;
+        let present = by_seq.get(&s.seq).is_some_and(|r| r.payload == p.body);
+        if !present {
+            row.problems.push(format!(
+                "acknowledged event n={} (seq {}) is not in the log as published",
+                p.n, s.seq
+            ));
+        }
+        let copies = copies.get(p.id.as_str()).copied().unwrap_or(0);
+        row.duplicated += copies.saturating_sub(1);
+        let (handlers, dlq_keys): (Vec<&str>, Vec<String>) = match p.kind {
+            Kind::Op { .. } => (
+                vec!["ledger", "audit"],
+                vec![format!("{}/ledger", p.id), format!("{}/audit", p.id)],
+            ),
+            Kind::Claude => (vec!["agent"], vec![format!("{}/agent", p.id)]),
+            Kind::Doomed => (vec![], vec![format!("{}/doomed", p.id)]),
+            Kind::Malformed | Kind::Oversized => (vec![], vec![format!("seq/{}", s.seq)]),
+        };
+        let counts: Vec<usize> = handlers.iter().map(|h| succeeded(&p.id, h)).collect();
+        row.duplicated += counts.iter().map(|c| c.saturating_sub(1)).sum::<usize>();
+        let dead_counts: Vec<usize> = dlq_keys
+            .iter()
+            .map(|k| dead.get(k).copied().unwrap_or(0))
+            .collect();
+        row.duplicated += dead_counts
+            .iter()
+            .map(|c| c.saturating_sub(1))
+            .sum::<usize>();
+        let handled = !handlers.is_empty() && counts.iter().all(|c| *c >= 1);
+        let in_dlq = dead_counts.iter().any(|c| *c >= 1);
+        if !p.kind.is_poison() {
+            good += 1;
+            good_handled += usize::from(handled);
+        }
+        if handled {
+            row.handled += 1;
+        }
+        if in_dlq {
+            row.in_dlq += 1;
+            let expected_kind = match p.kind {
+                Kind::Malformed => "not_json",
+                Kind::Oversized => "oversized",
+                Kind::Doomed => "failed",
+                _ => "",
+            };
+            let kinds: Vec<&String> = dlq_keys.iter().filter_map(|k| dead_kind.get(k)).collect();
+            if !kinds.iter().any(|k| k.as_str() == expected_kind) {
+                row.problems.push(format!(
+                    "event n={} ({:?}) dead-lettered as {kinds:?}",
+                    p.n, p.kind
+                ));
+            }
+        }
+        if !handled && !in_dlq {
+            row.lost += 1;
+            if row.lost <= 5 {
+                row.problems.push(format!(
+                    "event n={} ({:?}, seq {}) has neither its outcomes ({handlers:?} → {counts:?}) nor a dead letter",
+                    p.n, p.kind, s.seq
+                ));
+            }
+        }
+        // Emitted events: exactly one per handled cause that emits.
+        let emits = match p.kind {
+            Kind::Op { .. } if p.n % 4 == 0 && succeeded(&p.id, "ledger") > 0 => {
+                Some("ledger_noted")
+            }
+            Kind::Claude if succeeded(&p.id, "agent") > 0 => Some("summary_ready"),
+            _ => None,
+        };
+        if let Some(t) = emits {
+            let c = emitted.get(&(t.to_string(), p.n as u64)).copied().unwrap_or(0);
+            row.duplicated += c.saturating_sub(1);
+            if c == 0 {
+                row.problems
+                    .push(format!("event n={}: its {t} event is missing", p.n));
+            }
+        }
+    }
+    if good > 0 && (good_handled as f64) < 0.999 * good as f64 {
+        row.problems.push(format!(
+            "success rate {good_handled}/{good} is below 99.9%"
+        ));
+    }
+    if row.duplicated > 0 {
+        row.problems
+            .push(format!("{} duplicate effects in the log", row.duplicated));
+    }
+    if row.lost > 5 {
+        row.problems.push(format!("{} events lost in all", row.lost));
+    }
+    if !order_violations.is_empty() {
+        row.problems.push(format!(
+            "{} per-aggregate order violations, e.g. {:?}",
+            order_violations.len(),
+            &order_violations[..order_violations.len().min(3)]
+        ));
+    }
+}
+
+/// Time from `from` to the first outcome stored after it that `pick` accepts.
+fn first_outcome_after(
+    logs: &Logs,
+    from: SystemTime,
+    mut pick: impl FnMut(&Rec) -> bool,
+) -> Option<Duration> {
+    logs.events
+        .iter()
+        .filter(|r| r.event_type() == "handler_succeeded" && r.stored_at > from && pick(r))
+        .map(|r| r.stored_at.duration_since(from).unwrap_or_default())
+        .min()
+}
+
+// ---------------------------------------------------------------------------------------------
+// One scenario
+
+/// What the fault left for the recovery measurement.
+#[derive(Default)]
+struct Injected {
+    at: Option<SystemTime>,
+    /// Lease keys of the partitions the victim worker owned.
+    victim_partitions: HashSet<String>,
+    victim: Option<String>,
+    note: String,
+}
+
+async fn run(fault: Fault, profile: Profile) -> Row {
+    let mut row = Row {
+        fault: fault.label(),
+        ..Row::default()
+    };
+    let started = Instant::now();
+    if let Err(e) = scenario(fault, profile, &mut row).await {
+        row.problems.push(format!("{e:#}"));
+    }
+    eprintln!(
+        "[faults] {:<34} {:>6.1}s  problems: {}",
+        row.fault,
+        started.elapsed().as_secs_f64(),
+        row.problems.len()
+    );
+    row
+}
+
+async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Result<()> {
+    let mut env = TestEnv::start().await?;
+    env.settings.max_event_bytes = MAX_EVENT_BYTES;
+    let fake = FakeMessagesApi::start(FakeApiConfig::default()).await?;
+    write_handlers(&env, &fake)?;
+    let mut cluster = Cluster::start(&env, 0)?;
+    let first = cluster.start_worker(&env)?;
+    wait_balanced(&env, &[&first], Duration::from_secs(30)).await?;
+    let second = cluster.start_worker(&env)?;
+    wait_balanced(&env, &[&first, &second], Duration::from_secs(30)).await?;
+
+    let mix = fault.mix();
+    let mut publisher = Publisher::start(&env, profile, mix);
+    // The fault hits a running system: a third of the stream is in and outcomes are flowing.
+    publisher
+        .wait_progress(profile.events / 3, Duration::from_secs(60))
+        .await?;
+    {
+        let mut watch = env.watch().await?;
+        watch
+            .wait_for_type("handler_succeeded", 20, Duration::from_secs(60))
+            .await
+            .context("no outcomes before the fault")?;
+    }
+    let injected = inject(fault, &mut env, &mut cluster, &mut publisher, &first).await?;
+    let published = publisher
+        .handle
+        .await
+        .context("publisher panicked")?
+        .context("publisher")?;
+
+    // Wait (with a deadline) until every acknowledged event reached its end.
+    let settled = settle(&env, &published, profile.settle).await;
+    if let Err(e) = &settled {
+        row.problems.push(format!("did not settle: {e:#}"));
+    }
+    cluster.stop().await;
+    let events = read_all(&env.nats.js, EVENTS_STREAM).await?;
+    let dlq = read_all(&env.nats.js, DLQ_STREAM)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let d: DeadLetter = serde_json::from_slice(&r.payload)?;
+            Ok((r, d))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let logs = Logs { events, dlq };
+    analyse(row, &published, &logs);
+    row.recovery = recovery(fault, &injected, &published, &logs, env.settings.partitions);
+    if row.recovery.is_none() {
+        row.problems
+            .push("no recovery observed after the fault".into());
+    }
+    row.note = injected.note;
+    if !published.refused.is_empty() {
+        row.note = format!(
+            "{}{} publishes refused ({})",
+            if row.note.is_empty() { "" } else { "; " },
+            published.refused.len(),
+            published.refused[0].1
+        ) + &row.note;
+    }
+    if fault != Fault::StorageFull && !published.refused.is_empty() {
+        row.problems.push(format!(
+            "{} publishes refused without a full log",
+            published.refused.len()
+        ));
+    }
+    drop(fake);
+    Ok(())
+}
+
+/// Waits until every acknowledged event has its outcomes (or dead letter).
+async fn settle(env: &TestEnv, published: &Published, deadline: Duration) -> anyhow::Result<()> {
+    let mut remaining: HashSet<(String, &'static str)> = HashSet::new();
+    let mut ingest: HashSet<u64> = HashSet::new();
+    for s in &published.acked {
+        let id = s.planned.id.clone();
+        match s.planned.kind {
+            Kind::Op { .. } => {
+                remaining.insert((id.clone(), "ledger"));
+                remaining.insert((id, "audit"));
+            }
+            Kind::Claude => {
+                remaining.insert((id, "agent"));
+            }
+            Kind::Doomed => {
+                remaining.insert((id, "doomed"));
+            }
+            Kind::Malformed | Kind::Oversized => {
+                ingest.insert(s.seq);
+            }
+        }
+    }
+    let until = Instant::now() + deadline;
+    let mut watch = env.watch().await?;
+    let mut read = 0;
+    let left = |r: &HashSet<(String, &'static str)>| {
+        r.iter().take(5).cloned().collect::<Vec<_>>()
+    };
+    let waited = watch
+        .wait_until(deadline, |seen| {
+            for e in &seen[read..] {
+                let terminal = match e.event_type() {
+                    "handler_succeeded" => true,
+                    "handler_failed" => e.data()["dead_lettered"] == true,
+                    _ => false,
+                };
+                if terminal {
+                    let d = e.data();
+                    let key = (
+                        d["event_id"].as_str().unwrap_or_default().to_string(),
+                        d["handler"].as_str().unwrap_or_default(),
+                    );
+                    remaining.retain(|(id, h)| !(id == &key.0 && *h == key.1));
+                }
+            }
+            read = seen.len();
+            remaining.is_empty()
+        })
+        .await;
+    if waited.is_err() {
+        bail!(
+            "{} outcomes missing after {deadline:?}, e.g. {:?}",
+            remaining.len(),
+            left(&remaining)
+        );
+    }
+    let mut dlq = env.watch_dlq().await?;
+    let mut read = 0;
+    dlq.wait_until(until.saturating_duration_since(Instant::now()), |seen| {
+        for d in &seen[read..] {
+            if let Ok(record) = serde_json::from_slice::<DeadLetter>(&d.payload)
+                && record.handler.is_none()
+                && let Some(seq) = record.event_seq
+            {
+                ingest.remove(&seq);
+            }
+        }
+        read = seen.len();
+        ingest.is_empty()
+    })
+    .await
+    .context("dead letters of poison events missing")?;
+    Ok(())
+}
+
+async fn inject(
+    fault: Fault,
+    env: &mut TestEnv,
+    cluster: &mut Cluster,
+    publisher: &mut Publisher,
+    victim: &str,
+) -> anyhow::Result<Injected> {
+    let mut injected = Injected::default();
+    let victim_partitions = |owners: HashMap<String, String>| -> HashSet<String> {
+        owners
+            .into_iter()
+            .filter(|(_, v)| v == victim)
+            .map(|(k, _)| k)
+            .collect()
+    };
+    match fault {
+        Fault::KillListener => {
+            injected.at = Some(SystemTime::now());
+            if let Some(mut l) = cluster.listener.take() {
+                l.kill();
+            }
+            // A supervisor restarts it at once; it becomes active when the dead one's pin lapses.
+            cluster.start_listener(env)?;
+        }
+        Fault::KillWorker => {
+            injected.victim_partitions = victim_partitions(leases(env).await?);
+            injected.victim = Some(victim.to_string());
+            injected.at = Some(SystemTime::now());
+            cluster.kill_worker(victim);
+            cluster.start_worker(env)?;
+        }
+        Fault::KillAll => {
+            injected.at = Some(SystemTime::now());
+            if let Some(mut l) = cluster.listener.take() {
+                l.kill();
+            }
+            let ids: Vec<String> = cluster.workers.iter().map(|(w, _)| w.clone()).collect();
+            for id in &ids {
+                cluster.kill_worker(id);
+            }
+            cluster.start_listener(env)?;
+            cluster.start_worker(env)?;
+            cluster.start_worker(env)?;
+        }
+        Fault::KillBroker => {
+            injected.at = Some(SystemTime::now());
+            env.server.kill();
+            // The outage itself: components notice a dead broker, then it comes back.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            env.server.restart().await?;
+            injected.note = "store kept, same port".into();
+        }
+        Fault::StopWorker => {
+            injected.victim_partitions = victim_partitions(leases(env).await?);
+            injected.victim = Some(victim.to_string());
+            let pid = cluster.worker_pid(victim);
+            let at = SystemTime::now();
+            injected.at = Some(at);
+            signal(pid, "STOP");
+            let stopped = Instant::now();
+            // Stopped until the other worker has taken over its partitions (observable)...
+            let mut watch = env.watch().await?;
+            let mut read = 0;
+            let partitions = env.settings.partitions;
+            let keys = injected.victim_partitions.clone();
+            let taken = watch
+                .wait_until(Duration::from_secs(60), |seen| {
+                    let hit = seen[read..].iter().any(|e| {
+                        e.event_type() == "handler_succeeded"
+                            && e.data()["worker"] != victim
+                            && event_time(e).is_some_and(|t| t > at)
+                            && keys.contains(&lease_of(
+                                e.data()["handler"].as_str().unwrap_or_default(),
+                                &e.subject,
+                                partitions,
+                            ))
+                    });
+                    read = seen.len();
+                    hit
+                })
+                .await;
+            // ...and past the ack wait (the fault's definition), then it runs on.
+            let past = env.settings.worker.ack_wait + Duration::from_secs(1);
+            tokio::time::sleep(past.saturating_sub(stopped.elapsed())).await;
+            signal(pid, "CONT");
+            taken.context("nobody took over the stopped worker's partitions")?;
+            injected.note = format!("stopped {:.1}s", stopped.elapsed().as_secs_f64());
+        }
+        Fault::HandlerFaults | Fault::Poison => {
+            injected.at = Some(SystemTime::now());
+        }
+        Fault::StorageFull => {
+            let mut events = env.nats.js.get_stream(EVENTS_STREAM).await?;
+            let info = events.info().await?.clone();
+            let mut config = info.config.clone();
+            let original = config.max_bytes;
+            // Leave room for a few more events only.
+            config.max_bytes = i64::try_from(info.state.bytes)? + 48 * 1024;
+            env.nats.js.update_stream(&config).await?;
+            let filled = SystemTime::now();
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                publisher.refusals.wait_for(|r| *r >= 10),
+            )
+            .await
+            .context("a full log never refused a publish")??;
+            let full_state = events.info().await?.state.clone();
+            ensure!(
+                full_state.bytes <= u64::try_from(config.max_bytes)?,
+                "the log grew past its limit: {} > {}",
+                full_state.bytes,
+                config.max_bytes
+            );
+            // Space frees (an operator grows the volume): writes resume.
+            config.max_bytes = original;
+            let freed = SystemTime::now();
+            env.nats.js.update_stream(&config).await?;
+            injected.at = Some(freed);
+            injected.note = format!(
+                "full for {:.1}s at {} B",
+                freed.duration_since(filled).unwrap_or_default().as_secs_f64(),
+                full_state.bytes
+            );
+        }
+    }
+    Ok(injected)
+}
+
+fn recovery(
+    fault: Fault,
+    injected: &Injected,
+    published: &Published,
+    logs: &Logs,
+    partitions: u16,
+) -> Option<Duration> {
+    let at = injected.at?;
+    let stored: HashMap<&str, SystemTime> = logs
+        .events
+        .iter()
+        .filter_map(|r| Some((r.event.as_ref()?.id.as_str(), r.stored_at)))
+        .collect();
+    match fault {
+        // The first outcome of an event appended after the kill: routing is back.
+        Fault::KillListener => first_outcome_after(logs, at, |r| {
+            stored
+                .get(r.str_field("event_id").as_str())
+                .is_some_and(|t| *t > at)
+        }),
+        // The first outcome in a partition the victim owned, written by someone else.
+        Fault::KillWorker | Fault::StopWorker => {
+            let victim = injected.victim.clone().unwrap_or_default();
+            first_outcome_after(logs, at, |r| {
+                r.str_field("worker") != victim
+                    && injected.victim_partitions.contains(&lease_of(
+                        &r.str_field("handler"),
+                        &r.subject,
+                        partitions,
+                    ))
+            })
+        }
+        Fault::KillAll | Fault::KillBroker | Fault::StorageFull => {
+            first_outcome_after(logs, at, |_| true)
+        }
+        // Longest time from a failed (or timed-out) first attempt to the event's success.
+        Fault::HandlerFaults => {
+            let mut first_failure: HashMap<String, SystemTime> = HashMap::new();
+            for r in &logs.events {
+                if r.event_type() == "handler_failed" && r.str_field("handler") == "audit" {
+                    first_failure
+                        .entry(r.str_field("event_id"))
+                        .or_insert(r.stored_at);
+                }
+            }
+            logs.events
+                .iter()
+                .filter(|r| {
+                    r.event_type() == "handler_succeeded" && r.str_field("handler") == "audit"
+                })
+                .filter_map(|r| {
+                    let failed = first_failure.get(&r.str_field("event_id"))?;
+                    r.stored_at.duration_since(*failed).ok()
+                })
+                .max()
+        }
+        // Longest time from a poison event's append to its dead letter.
+        Fault::Poison => {
+            let appended: HashMap<u64, SystemTime> =
+                logs.events.iter().map(|r| (r.seq, r.stored_at)).collect();
+            let by_id: HashMap<&str, u64> = published
+                .acked
+                .iter()
+                .map(|s| (s.planned.id.as_str(), s.seq))
+                .collect();
+            logs.dlq
+                .iter()
+                .filter_map(|(r, d)| {
+                    let seq = match (&d.event, d.event_seq) {
+                        (Some(e), _) => *by_id.get(e.id.as_str())?,
+                        (None, seq) => seq?,
+                    };
+                    r.stored_at.duration_since(*appended.get(&seq)?).ok()
+                })
+                .max()
+        }
+    }
+}
+
+fn print_table(rows: &[Row], profile: Profile) {
+    let mut out = format!(
+        "\nfault injection: {} events per fault, {} aggregates, {}/s\n",
+        profile.events,
+        AGGREGATES,
+        profile.burst as f64 / profile.tick.as_secs_f64()
+    );
+    out.push_str(&format!(
+        "| {:<34} | {:>5} | {:>7} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
+        "fault", "sent", "handled", "in DLQ", "lost", "duplicated", "recovery", "note"
+    ));
+    out.push_str(&format!(
+        "|{:-<36}|{:->7}|{:->9}|{:->8}|{:->6}|{:->12}|{:->10}|------|\n",
+        "", "", "", "", "", "", ""
+    ));
+    for r in rows {
+        let recovery = r
+            .recovery
+            .map(|d| format!("{:.2}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "| {:<34} | {:>5} | {:>7} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
+            r.fault, r.sent, r.handled, r.in_dlq, r.lost, r.duplicated, recovery, r.note
+        ));
+    }
+    eprintln!("{out}");
+    if let Ok(path) = std::env::var("GRIZZLY_FAULTS_TABLE") {
+        let _ = std::fs::write(path, &out);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_promise_holds_under_every_fault() -> anyhow::Result<()> {
+    let profile = profile();
+    for bin in ["grizzly-listener", "grizzly-worker"] {
+        ensure!(
+            grizzly_tests::bin_path(bin).is_file(),
+            "{bin} is missing: run `cargo build --workspace --bins` first"
+        );
+    }
+    let only = std::env::var("GRIZZLY_FAULTS_ONLY").ok();
+    let faults = [
+        Fault::KillListener,
+        Fault::KillWorker,
+        Fault::KillAll,
+        Fault::KillBroker,
+        Fault::StopWorker,
+        Fault::HandlerFaults,
+        Fault::Poison,
+        Fault::StorageFull,
+    ];
+    let mut rows = Vec::new();
+    for fault in faults {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("{fault:?}").eq_ignore_ascii_case(o))
+        {
+            continue;
+        }
+        rows.push(run(fault, profile).await);
+    }
+    print_table(&rows, profile);
+    let problems: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.fault)))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "promises broken:\n{}",
+        problems.join("\n")
+    );
+    Ok(())
+}
