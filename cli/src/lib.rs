@@ -71,7 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => bench::run(&settings, cmd).await,
         Command::Events(cmd) => events::run(&settings, cmd).await,
         Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
-        Command::Handler(cmd) => handlers::run(&settings, cmd),
+        Command::Handler(cmd) => handlers::run(&settings, cmd).await,
         Command::Workflow(cmd) => workflow::run(&settings, cmd).await,
         Command::FakeApi { port } => {
             grizzly_devkit::serve_forever(grizzly_devkit::FakeApiConfig::with_port(port)).await?;

@@ -301,7 +301,7 @@ def check_grizzly_rules(name: str, docs: list[dict], known_env: set[str]) -> Non
                    f"{name}: streams ({streams >> 20} MiB) + KV room <= max_file_store ({store >> 20} MiB) <= volume ({volume >> 20} MiB)")
             stream_replicas = int(env.get("GRIZZLY_STREAMS__REPLICAS", "1"))
             result(1 <= stream_replicas <= replicas, f"{name}: stream replicas ({stream_replicas}) <= NATS servers ({replicas})")
-            if name.startswith(("prod", "multi-region")):
+            if name.startswith(("prod", "region")):
                 result(stream_replicas == 3, f"{name}: production streams are replicated x3 (GRIZZLY_STREAMS__REPLICAS=3)")
 
     # Autoscaling: at most one autoscaler for the worker; triggers match handlers x partitions.

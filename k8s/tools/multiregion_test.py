@@ -7,13 +7,16 @@ JetStream domain from region-*/nats-jetstream-limits.conf and the leafnode setti
 region-*/nats-site.conf (addresses and TLS files replaced by loopback ones). Then the
 failover runbook of docs/multi-region.md is played:
 
- 1. region A (use1) holds EVENTS and DLQ; region B (euw1) creates its copies from
-    streams/euw1/*.json and catches up; no application message crosses the link directly;
- 2. region A dies; region B is promoted the way Grizzly's ensure_streams does it (update
-    without `sources`), and the listener consumer from consumers/grizzly-listener.json,
-    started at the failover point, delivers only what came after it;
+ 1. region A (use1) holds EVENTS and DLQ; region B (euw1) creates its mirrors from
+    streams/euw1/*.json and catches up (same sequence numbers); no application message
+    crosses the link directly, and a stray write to the passive region is refused;
+ 2. region A dies; region B is promoted the way Grizzly's ensure_streams does it (an update
+    to Grizzly's stream config turns each mirror into a writable stream), and the listener
+    consumer from consumers/grizzly-listener.json, started at the failover point, delivers
+    only what came after it; a re-sent event within the duplicate window is still dropped;
  3. region A comes back and, per the failback steps, re-creates EVENTS from
-    streams/use1/EVENTS.json, catching up with what region B wrote meanwhile.
+    streams/use1/EVENTS.json, catching up with what region B wrote meanwhile; on the switch
+    back a consumer started at a sequence number delivers exactly the events B wrote.
 
 Streams are created with num_replicas 1 here (one server per region); everything else is the
 committed JSON. The promotion is done by the real `grizzly-coordinator` (its start-up
@@ -57,9 +60,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def grizzly_stream_config(name: str, source_json: dict) -> dict:
-    """The config Grizzly's ensure_streams writes: the committed JSON without `sources`."""
-    return {k: v for k, v in source_json.items() if k != "sources"} | {"num_replicas": 1}
+SUBJECTS = {"EVENTS": ["events.>"], "DLQ": ["dlq.>"]}
+
+
+def grizzly_stream_config(name: str, mirror_json: dict) -> dict:
+    """The config Grizzly's ensure_streams writes: the committed JSON, subjects instead of mirror."""
+    cfg = {k: v for k, v in mirror_json.items() if k != "mirror"}
+    return cfg | {"subjects": SUBJECTS[name], "num_replicas": 1}
 
 
 class Region:
@@ -174,7 +181,7 @@ async def promote(nc, region: "Region", streams: dict) -> str:
     if binary is None:
         for name in ("EVENTS", "DLQ"):
             await api(nc, f"$JS.API.STREAM.UPDATE.{name}", grizzly_stream_config(name, streams[name]))
-        return "a stream update without sources (no grizzly-coordinator build found)"
+        return "a stream update to Grizzly's config (no grizzly-coordinator build found)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIZZLY_")}
     env |= {
         "GRIZZLY_NATS_URL": f"nats://127.0.0.1:{region.port}",
@@ -189,7 +196,7 @@ async def promote(nc, region: "Region", streams: dict) -> str:
         deadline = time.time() + 20
         while time.time() < deadline and proc.poll() is None:
             infos = [await api(nc, f"$JS.API.STREAM.INFO.{n}") for n in ("EVENTS", "DLQ", "TASKS")]
-            if all("error" not in i for i in infos) and not any(i["config"].get("sources") for i in infos):
+            if all("error" not in i for i in infos) and not any(i["config"].get("mirror") for i in infos):
                 break
             await asyncio.sleep(0.2)
     finally:
@@ -214,7 +221,7 @@ async def scenario(work: Path) -> None:
         na, nb = await a.connect(), await b.connect()
         result(await wait_leafnode(nb, "use1"), "region B reaches region A's JetStream domain use1 over the leafnode (mutual TLS)")
 
-        # 1. Region A active; region B sources EVENTS and DLQ.
+        # 1. Region A active; region B mirrors EVENTS and DLQ.
         for name in ("EVENTS", "DLQ"):
             r = await api(na, f"$JS.API.STREAM.CREATE.{name}", grizzly_stream_config(name, euw1[name]))
             result("error" not in r, f"region A: {name} created with Grizzly's config", str(r.get("error")))
@@ -224,15 +231,22 @@ async def scenario(work: Path) -> None:
         await publish(na, 20, 0, "a")
         await na.jetstream().publish("dlq.summarize", b'{"error":"x"}', headers={"Nats-Msg-Id": "d1"})
         n = await wait_count(nb, "EVENTS", 20)
-        result(n == 20, "region B's EVENTS caught up with region A's (20 events)", f"has {n}")
+        info_a, info_b = (await api(na, "$JS.API.STREAM.INFO.EVENTS"), await api(nb, "$JS.API.STREAM.INFO.EVENTS"))
+        result(n == 20 and info_a["state"]["last_seq"] == info_b["state"]["last_seq"],
+               "region B's EVENTS caught up with region A's (20 events, same sequence numbers)", f"has {n}")
         n = await wait_count(nb, "DLQ", 1)
         result(n == 1, "region B's DLQ caught up with region A's", f"has {n}")
         try:
             await leak.next_msg(timeout=0.5)
-            result(False, "application subjects do not cross the leafnode (only stream sourcing does)")
+            result(False, "application subjects do not cross the leafnode (only mirroring does)")
         except Exception:
-            result(True, "application subjects do not cross the leafnode (only stream sourcing does)")
+            result(True, "application subjects do not cross the leafnode (only mirroring does)")
         await leak.unsubscribe()
+        try:
+            await nb.jetstream().publish("events.agent.stray.ping", b"{}", timeout=1)
+            result(False, "a stray write to the passive region is refused (no stream takes events.> there)")
+        except Exception:
+            result(True, "a stray write to the passive region is refused (no stream takes events.> there)")
 
         # 2. Failover: region A dies after 5 more events; region B is promoted.
         await asyncio.sleep(1.1)
@@ -246,7 +260,8 @@ async def scenario(work: Path) -> None:
         how = await promote(nb, b, euw1)
         for name in ("EVENTS", "DLQ"):
             r = await api(nb, f"$JS.API.STREAM.INFO.{name}")
-            result("error" not in r and not r.get("config", {}).get("sources")
+            result("error" not in r and not r.get("config", {}).get("mirror")
+                   and r.get("config", {}).get("subjects") == SUBJECTS[name]
                    and r.get("state", {}).get("messages") == (25 if name == "EVENTS" else 1),
                    f"region B: {name} promoted, history kept, by {how}", json.dumps(r)[:300])
         cfg = consumer | {"opt_start_time": failover_point.isoformat().replace("+00:00", "Z")}
@@ -257,6 +272,8 @@ async def scenario(work: Path) -> None:
         got = await pull(nb, "EVENTS", cfg["durable_name"], cfg["priority_groups"][0], 50)
         result(sorted(got) == list(range(20, 25)),
                "the failover consumer delivers only the events after the failover point", f"got {got}")
+        ack = await nb.jetstream().publish("events.agent.a1.ping", b"{}", headers={"Nats-Msg-Id": "a-21"})
+        result(ack.duplicate is True, "an event re-sent within the duplicate window is dropped after promotion")
         await publish(nb, 3, 100, "b")
         n = await wait_count(nb, "EVENTS", 28, 5)
         result(n == 28, "region B accepts new events once promoted", f"has {n}")
@@ -270,6 +287,17 @@ async def scenario(work: Path) -> None:
         result("error" not in r, "region A: EVENTS re-created from streams/use1/EVENTS.json", str(r.get("error")))
         n = await wait_count(na, "EVENTS", 28)
         result(n == 28, "region A caught up with everything region B holds (28 events)", f"has {n}")
+        # Planned switch back: the listener consumer starts at an exact sequence (mirrors keep them).
+        r = await api(na, "$JS.API.STREAM.UPDATE.EVENTS", grizzly_stream_config("EVENTS", use1["EVENTS"]))
+        result("error" not in r, "region A: EVENTS promoted again for the switch back", str(r.get("error")))
+        cfg = {k: v for k, v in consumer.items() if k != "opt_start_time"}
+        cfg |= {"deliver_policy": "by_start_sequence", "opt_start_seq": 26}
+        r = await api(na, f"$JS.API.CONSUMER.CREATE.EVENTS.{cfg['durable_name']}",
+                      {"stream_name": "EVENTS", "config": cfg})
+        got = await pull(na, "EVENTS", cfg["durable_name"], cfg["priority_groups"][0], 50)
+        result("error" not in r and got == [100, 101, 102],
+               "switch back: a consumer at opt_start_seq delivers exactly region B's own events",
+               f"{r.get('error')} got {got}")
         await na.close()
         await nb.close()
     finally:

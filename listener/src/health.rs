@@ -25,6 +25,11 @@ impl HandlerHealth {
             .is_some_and(|(live, open)| live > open)
     }
 
+    /// (live workers serving `handler`, of which with its breaker open)
+    pub fn workers(&self, handler: &str) -> (usize, usize) {
+        self.handlers.get(handler).copied().unwrap_or_default()
+    }
+
     pub async fn read(leases: &kv::Store) -> anyhow::Result<Self> {
         let mut handlers: HashMap<String, (usize, usize)> = HashMap::new();
         let mut keys = leases.keys().await?;

@@ -34,8 +34,17 @@ use tracing::{debug, info, warn};
 
 /// Priority group of the listeners' shared consumer.
 const LISTENER_GROUP: &str = "listeners";
-/// How long a standby listener waits before taking over from a silent one.
-const PIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Life of one pull request: the active listener pulls at least this often.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// How long a standby listener waits before taking over from a silent one. Longer than a pull
+/// plus `ack_wait`: by then every event the silent listener was given (and may not have routed)
+/// is due for redelivery, and the server hands redeliveries out before newer events, so the
+/// standby re-routes them first and per-aggregate order holds across the fail-over. (With a
+/// shorter pin the standby routed newer events of an aggregate before the orphaned older ones.)
+fn pin_timeout(ack_wait: Duration) -> Duration {
+    ack_wait + PULL_EXPIRES + Duration::from_secs(1)
+}
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
@@ -174,7 +183,7 @@ impl Listener {
             max_ack_pending: self.settings.listener.max_ack_pending,
             priority_policy: PriorityPolicy::PinnedClient,
             priority_groups: vec![LISTENER_GROUP.into()],
-            priority_timeout: PIN_TIMEOUT,
+            priority_timeout: pin_timeout(self.settings.listener.ack_wait),
             ..Default::default()
         };
         stream
@@ -213,8 +222,8 @@ impl Listener {
                 .group(LISTENER_GROUP)
                 .max_messages_per_batch(512)
                 .heartbeat(Duration::from_millis(500))
-                // Well under PIN_TIMEOUT, or the pin would lapse between pulls.
-                .expires(Duration::from_secs(2))
+                // Well under the pin timeout, or the pin would lapse between pulls.
+                .expires(PULL_EXPIRES)
                 .messages()
                 .await
             {
@@ -250,7 +259,8 @@ impl Listener {
             }
         }
         while in_flight.next().await.is_some() {}
-        // Hand the pin over now rather than after PIN_TIMEOUT: a standby takes over at once.
+        // Hand the pin over now rather than after the pin timeout: a standby takes over at once
+        // (nothing is orphaned: every routed event was confirmed and acked above).
         if let Ok(stream) = self.nats.js.get_stream(EVENTS_STREAM).await {
             let _ = stream
                 .unpin_consumer(LISTENER_CONSUMER, LISTENER_GROUP)

@@ -227,6 +227,8 @@ const NOT_SETTINGS: &[&str] = &[
     "GRIZZLY_CLAUDE_BIN",
     "GRIZZLY_CLAUDE_CODE_VERSION",
     "GRIZZLY_TURN_FILE",
+    // Test-suite switches (the fault suite's soak mode), seen by components it starts.
+    "GRIZZLY_SOAK",
 ];
 
 /// The environment as the settings see it: every `GRIZZLY_*` variable except [`NOT_SETTINGS`]

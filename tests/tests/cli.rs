@@ -226,5 +226,25 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
             "events.agent.dev1.handler_succeeded"
         ]
     );
+
+    // The worker's heartbeat shows the handlers as served.
+    let list = Command::new(bin_path("grizzly"))
+        .current_dir(&root)
+        .args(["--nats-url", &url, "handler", "list"])
+        .output()?;
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    let echo = text
+        .lines()
+        .find(|l| l.starts_with("echo "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        echo.contains("healthy (1)") && echo.contains("process"),
+        "{echo}"
+    );
     Ok(())
 }

@@ -705,8 +705,14 @@ fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
                     .entry((handler.clone(), aggregate.clone()))
                     .or_default();
                 if *seq < *last {
+                    let ms = |t: SystemTime| {
+                        t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() % 100_000
+                    };
                     order_violations.push(format!(
-                        "{handler} on {aggregate}: cause seq {seq} handled after {last}"
+                        "{handler} on {aggregate}: cause seq {seq} (stored {}) handled at {} by {} after {last}",
+                        by_seq.get(seq).map(|c| ms(c.stored_at)).unwrap_or(0),
+                        ms(r.stored_at),
+                        r.str_field("worker")
                     ));
                 }
                 *last = (*last).max(*seq);
@@ -907,6 +913,9 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
             .context("no outcomes before the fault")?;
     }
     let injected = inject(fault, &mut env, &mut cluster, &mut publisher, &first).await?;
+    if let Some(at) = injected.at {
+        eprintln!("[faults] fault at {}", at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() % 100_000);
+    }
     let published = publisher
         .handle
         .await
@@ -1262,7 +1271,7 @@ fn print_table(rows: &[Row], profile: Profile) {
         ));
     }
     eprintln!("{out}");
-    if let Ok(path) = std::env::var("GRIZZLY_FAULTS_TABLE") {
+    if let Ok(path) = std::env::var("FAULTS_TABLE") {
         let _ = std::fs::write(path, &out);
     }
 }
@@ -1278,7 +1287,7 @@ async fn every_promise_holds_under_every_fault() -> anyhow::Result<()> {
             "{bin} is missing: run `cargo build --workspace --bins` first"
         );
     }
-    let only = std::env::var("GRIZZLY_FAULTS_ONLY").ok();
+    let only = std::env::var("FAULTS_ONLY").ok();
     let faults = [
         Fault::KillListener,
         Fault::KillWorker,
