@@ -62,22 +62,15 @@ pub async fn run(settings: &Settings, cmd: EventsCommand) -> anyhow::Result<Exit
     let mut printed = 0;
     while let Some(msg) = messages.next().await {
         let msg = msg?;
-        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let stored = StoredMessage {
-            subject: msg.subject.as_str(),
-            headers: msg.headers.as_ref(),
-            payload: &msg.payload,
-            stream_sequence: info.stream_sequence,
-            published: info.published,
-        };
+        let stored = StoredMessage::from_jetstream(&msg).map_err(anyhow::Error::msg)?;
         let event = EventEnvelope::from_stored(&stored, usize::MAX);
         if json {
             let line = match &event {
                 Ok(e) => {
-                    serde_json::json!({"seq": info.stream_sequence, "subject": msg.subject.as_str(), "event": e})
+                    serde_json::json!({"seq": stored.stream_sequence, "subject": msg.subject.as_str(), "event": e})
                 }
                 Err(err) => {
-                    serde_json::json!({"seq": info.stream_sequence, "subject": msg.subject.as_str(), "error": err.to_string()})
+                    serde_json::json!({"seq": stored.stream_sequence, "subject": msg.subject.as_str(), "error": err.to_string()})
                 }
             };
             println!("{line}");
@@ -85,16 +78,16 @@ pub async fn run(settings: &Settings, cmd: EventsCommand) -> anyhow::Result<Exit
             match &event {
                 Ok(e) => println!(
                     "{:>8}  {}  {:<48}  {}  {}",
-                    info.stream_sequence,
-                    format_time(info.published),
+                    stored.stream_sequence,
+                    format_time(stored.published),
                     msg.subject.as_str(),
                     &e.id,
                     e.data
                 ),
                 Err(err) => println!(
                     "{:>8}  {}  {:<48}  (invalid: {err})",
-                    info.stream_sequence,
-                    format_time(info.published),
+                    stored.stream_sequence,
+                    format_time(stored.published),
                     msg.subject.as_str()
                 ),
             }

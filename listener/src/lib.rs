@@ -312,16 +312,8 @@ impl Listener {
         &self,
         msg: &jetstream::Message,
     ) -> anyhow::Result<Vec<(String, PublishMessage)>> {
-        let info = msg
-            .info()
-            .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
-        let stored = StoredMessage {
-            subject: msg.subject.as_str(),
-            headers: msg.headers.as_ref(),
-            payload: &msg.payload,
-            stream_sequence: info.stream_sequence,
-            published: info.published,
-        };
+        let stored = StoredMessage::from_jetstream(msg).map_err(anyhow::Error::msg)?;
+        let seq = stored.stream_sequence;
         let mut out = Vec::new();
         match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
             Ok(event) => {
@@ -342,7 +334,7 @@ impl Listener {
                             let dead = ingest_dead_letter(&err, &stored);
                             let publish = PublishMessage::build()
                                 .payload(dead.to_json_bytes())
-                                .message_id(format!("ingest:{}", info.stream_sequence));
+                                .message_id(format!("ingest:{}", seq));
                             out.push((DLQ_INGEST.to_string(), publish));
                         }
                     }
@@ -373,7 +365,7 @@ impl Listener {
                     let mut task = Task::new(
                         &route.handler,
                         route.version,
-                        info.stream_sequence,
+                        seq,
                         self.settings.partitions,
                         priority,
                         event.clone(),
@@ -387,11 +379,11 @@ impl Listener {
                 }
             }
             Err(err) => {
-                warn!(error = %err, seq = info.stream_sequence, "dead-lettering unparseable event");
+                warn!(error = %err, seq = seq, "dead-lettering unparseable event");
                 let dead = ingest_dead_letter(&err, &stored);
                 let publish = PublishMessage::build()
                     .payload(dead.to_json_bytes())
-                    .message_id(format!("ingest:{}", info.stream_sequence));
+                    .message_id(format!("ingest:{}", seq));
                 out.push((DLQ_INGEST.to_string(), publish));
             }
         }

@@ -147,6 +147,22 @@ pub struct StoredMessage<'a> {
     pub published: OffsetDateTime,
 }
 
+impl<'a> StoredMessage<'a> {
+    /// A message delivered by a JetStream consumer, with its stream sequence and time.
+    pub fn from_jetstream(msg: &'a async_nats::jetstream::Message) -> Result<Self, String> {
+        let info = msg
+            .info()
+            .map_err(|e| format!("not a JetStream delivery: {e}"))?;
+        Ok(Self {
+            subject: msg.subject.as_str(),
+            headers: msg.headers.as_ref(),
+            payload: &msg.payload,
+            stream_sequence: info.stream_sequence,
+            published: info.published,
+        })
+    }
+}
+
 pub fn now_rfc3339() -> String {
     format_time(OffsetDateTime::now_utc())
 }

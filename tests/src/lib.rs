@@ -231,17 +231,10 @@ impl EventWatcher {
             let next = tokio::time::timeout_at(until, self.messages.next()).await;
             match next {
                 Ok(Some(Ok(msg))) => {
-                    let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let stored = StoredMessage {
-                        subject: msg.subject.as_str(),
-                        headers: msg.headers.as_ref(),
-                        payload: &msg.payload,
-                        stream_sequence: info.stream_sequence,
-                        published: info.published,
-                    };
+                    let stored = StoredMessage::from_jetstream(&msg).map_err(anyhow::Error::msg)?;
                     let event = EventEnvelope::from_stored(&stored, usize::MAX).ok();
                     self.seen.push(LoggedEvent {
-                        seq: info.stream_sequence,
+                        seq: stored.stream_sequence,
                         subject: msg.subject.to_string(),
                         event,
                         payload: msg.payload.clone(),
