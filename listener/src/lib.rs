@@ -5,7 +5,10 @@
 //! An event is acked on the log only after all its tasks (or its dead letter) are confirmed by
 //! the broker, so a crash at any point re-routes it; task ids are derived from the event, so
 //! re-routing writes nothing twice. Publishes are pipelined (many in flight, issued in log order)
-//! so the broker's write latency is paid once per window, not once per event.
+//! so the broker's write latency is paid once per window, not once per event — across
+//! aggregates: within one aggregate an event's tasks are issued only once the previous event's
+//! are confirmed ([`Tails`]), so a refused or lost publish that is re-sent never lands behind a
+//! newer task of its aggregate.
 //!
 //! Replicas share one durable consumer with a pinned-client priority group: exactly one replica
 //! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
@@ -49,6 +52,54 @@ fn pin_timeout(ack_wait: Duration) -> Duration {
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
 const OUTCOME_TYPES: [&str; 2] = ["handler_succeeded", "handler_failed"];
+
+/// Per aggregate, the newest event whose tasks are not confirmed yet. The next event of that
+/// aggregate issues its tasks only after that one's are confirmed: with everything pipelined, a
+/// publish refused by a full `TASKS` (or lost with a broker crash) and re-sent later landed
+/// behind the next event's task, and workers ran the aggregate's events out of order.
+#[derive(Default)]
+struct Tails {
+    issued: u64,
+    by_aggregate: std::collections::HashMap<String, (u64, tokio::sync::oneshot::Receiver<()>)>,
+}
+
+impl Tails {
+    /// Makes `aggregate`'s newest event the one being routed now; returns its token, the signal
+    /// to send once its tasks are confirmed, and the predecessor to wait for, if still pending.
+    fn push(
+        &mut self,
+        aggregate: String,
+    ) -> (
+        u64,
+        tokio::sync::oneshot::Sender<()>,
+        Option<tokio::sync::oneshot::Receiver<()>>,
+    ) {
+        self.issued += 1;
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let previous = self
+            .by_aggregate
+            .insert(aggregate, (self.issued, rx))
+            .and_then(|(_, mut prev)| match prev.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Some(prev),
+                _ => None,
+            });
+        (self.issued, done, previous)
+    }
+
+    /// An event finished: forget its aggregate unless a newer event of it is being routed.
+    fn finished(&mut self, aggregate: &str, token: u64) {
+        if self
+            .by_aggregate
+            .get(aggregate)
+            .is_some_and(|(t, _)| *t == token)
+        {
+            self.by_aggregate.remove(aggregate);
+        }
+    }
+}
+
+/// What a routed event's confirmation returns: publishes it confirmed, and its [`Tails`] entry.
+type Routed = (usize, Option<(String, u64)>);
 
 /// One routing rule: a handler version and the subjects it consumes.
 #[derive(Debug, Clone)]
@@ -212,7 +263,8 @@ impl Listener {
         tokio::spawn(health::watch(leases, self.health.clone(), shutdown.clone()));
         let consumer = self.consumer().await?;
         info!(routes = self.routes.len(), "listener routing");
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, Routed>> = FuturesUnordered::new();
+        let mut tails = Tails::default();
         // Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
         // never waits on a confirmation that only this loop could collect.
         let mut outstanding = 0usize;
@@ -240,10 +292,15 @@ impl Listener {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
-                    Some(done) = in_flight.next(), if !in_flight.is_empty() => outstanding -= done,
+                    Some((done, tail)) = in_flight.next(), if !in_flight.is_empty() => {
+                        outstanding -= done;
+                        if let Some((aggregate, token)) = tail {
+                            tails.finished(&aggregate, token);
+                        }
+                    }
                     next = messages.next(), if outstanding < MAX_OUTSTANDING_PUBLISHES => match next {
                         Some(Ok(msg)) => {
-                            let (count, confirm) = self.route(msg).await;
+                            let (count, confirm) = self.route(msg, &mut tails).await;
                             outstanding += count;
                             in_flight.push(confirm);
                         }
@@ -272,7 +329,13 @@ impl Listener {
 
     /// Routes one message: issues its publishes now (so tasks are written in log order) and
     /// returns their count and a future that confirms them and then acks the event.
-    async fn route(&self, msg: jetstream::Message) -> (usize, BoxFuture<'static, usize>) {
+    /// An event whose aggregate still has an unconfirmed predecessor issues its publishes only
+    /// once that one is confirmed (see [`Tails`]).
+    async fn route(
+        &self,
+        msg: jetstream::Message,
+        tails: &mut Tails,
+    ) -> (usize, BoxFuture<'static, Routed>) {
         let publishes = match self.publishes_for(&msg).await {
             Ok(p) => p,
             Err(e) => {
@@ -280,29 +343,54 @@ impl Listener {
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
-                return (0, Box::pin(async { 0 }));
+                return (0, Box::pin(async { (0, None) }));
             }
+        };
+        // events.<type>.<id>.<event>: tasks are ordered per aggregate (dead letters need no order).
+        let aggregate = match msg.subject.split('.').collect::<Vec<_>>()[..] {
+            [_, t, i, _] if !publishes.is_empty() => Some(format!("{t}/{i}")),
+            _ => None,
+        };
+        let (tail, done, previous) = match aggregate {
+            Some(aggregate) => {
+                let (token, done, previous) = tails.push(aggregate.clone());
+                (Some((aggregate, token)), Some(done), previous)
+            }
+            None => (None, None, None),
         };
         let mut issued = Vec::with_capacity(publishes.len());
         for (subject, publish) in publishes {
-            let ack = self
-                .nats
-                .js
-                .send_publish(subject.clone(), publish.clone())
-                .await
-                .ok();
+            let ack = match previous {
+                Some(_) => None,
+                None => self
+                    .nats
+                    .js
+                    .send_publish(subject.clone(), publish.clone())
+                    .await
+                    .ok(),
+            };
             issued.push((subject, publish, ack));
         }
         let count = issued.len();
         let js = self.nats.js.clone();
         let confirm = async move {
+            if let Some(previous) = previous {
+                // Confirmed (or its routing was abandoned at shutdown): now issue ours.
+                let _ = previous.await;
+                for (subject, publish, ack) in &mut issued {
+                    *ack = js.send_publish(subject.clone(), publish.clone()).await.ok();
+                }
+            }
             for (subject, publish, ack) in issued {
                 nats::publish_confirmed(&js, &subject, publish, ack).await;
+            }
+            if let Some(done) = done {
+                let _ = done.send(());
             }
             if let Err(e) = msg.ack().await {
                 warn!(error = %e, "ack of routed event failed; it will be re-routed (idempotent)");
             }
-            count
+            (count, tail)
         };
         (count, Box::pin(confirm))
     }

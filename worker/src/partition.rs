@@ -152,6 +152,32 @@ impl Schedule {
     fn held(&self) -> impl Iterator<Item = &Held> {
         self.lanes.values().flatten()
     }
+
+    /// After the consumer was recreated: forget every task that is not running (the fresh
+    /// consumer delivers them again, in order); running ones stay at the head of their lanes.
+    fn keep_running(&mut self) {
+        let running = &self.running;
+        self.lanes.retain(|lane, queue| {
+            queue.truncate(1);
+            running.contains(lane)
+        });
+        for ready in &mut self.ready {
+            ready.clear();
+        }
+        self.delayed.clear();
+    }
+
+    /// Whether the task stored at `seq` in `TASKS` is running now.
+    fn is_running(&self, seq: u64) -> bool {
+        self.running
+            .iter()
+            .filter_map(|lane| self.head(lane))
+            .any(|held| {
+                held.msg
+                    .info()
+                    .is_ok_and(|info| info.stream_sequence == seq)
+            })
+    }
 }
 
 impl PartitionRunner {
@@ -183,7 +209,7 @@ impl PartitionRunner {
     /// next owner).
     pub async fn run(self, stop: CancellationToken) {
         let handler = self.ctx.name().to_string();
-        let consumer = loop {
+        let mut consumer = loop {
             match self.fresh_consumer().await {
                 Ok(c) => break c,
                 Err(e) => {
@@ -202,7 +228,29 @@ impl PartitionRunner {
         progress.tick().await;
         // Waiting for a handler slot and a worker slot; only while a lane is ready.
         let mut slots: Option<BoxFuture<'static, Slots>> = None;
+        let mut interrupted = false;
         'pull: while !stop.is_cancelled() {
+            if interrupted {
+                // Tasks on their way to the interrupted pull are lost to us but stay pending on
+                // the broker until `ack_wait`, while a new pull gets newer tasks at once: a later
+                // task of an aggregate overtook an earlier one (seen after SIGSTOP/SIGCONT and a
+                // broker restart). A fresh consumer delivers every unfinished task again, in
+                // order; only the running ones are kept.
+                match self.fresh_consumer().await {
+                    Ok(c) => {
+                        consumer = c;
+                        schedule.keep_running();
+                        interrupted = false;
+                    }
+                    Err(e) => {
+                        warn!(%handler, error = %e, "cannot recreate partition consumer; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                }
+            }
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(256)
@@ -265,9 +313,13 @@ impl PartitionRunner {
                         Some(Err(e)) => {
                             warn!(%handler, error = %e, "task pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                            interrupted = true;
                             continue 'pull;
                         }
-                        None => continue 'pull,
+                        None => {
+                            interrupted = true;
+                            continue 'pull;
+                        }
                     },
                 }
             }
@@ -278,6 +330,13 @@ impl PartitionRunner {
     }
 
     async fn accept(&self, msg: jetstream::Message, schedule: &mut Schedule) {
+        // A recreated consumer delivers a running task again; the running one acks it.
+        if msg
+            .info()
+            .is_ok_and(|info| schedule.is_running(info.stream_sequence))
+        {
+            return;
+        }
         match serde_json::from_slice::<Task>(&msg.payload) {
             Ok(task) => schedule.push(Held {
                 msg,
