@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use grizzly_shared::Settings;
 use grizzly_shared::handler::load_handlers;
+use grizzly_shared::http::ObservabilityServer;
 use grizzly_shared::nats;
 use grizzly_shared::nats_server::{NatsServer, NatsServerOptions};
 use tokio_util::sync::CancellationToken;
@@ -61,18 +62,29 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCo
     let shutdown = grizzly_shared::shutdown::on_signal();
     let connect = |name: &'static str| nats::connect(&settings.nats_url, name, false);
     nats::ensure_streams(&connect("grizzly-dev").await?.js, &settings.streams).await?;
+    // One endpoint for the three components; loopback unless configured otherwise.
+    if settings.metrics_addr == grizzly_shared::config::DEFAULT_METRICS_ADDR {
+        settings.metrics_addr = "127.0.0.1:9090".into();
+    }
+    let ops = ObservabilityServer::start_or_warn(&settings.metrics_addr).await;
+    let track = |nats: nats::Nats, component: &str| {
+        if let Some(ops) = &ops {
+            ops.track(component, &nats, &settings, shutdown.clone());
+        }
+        nats
+    };
 
     let listener = grizzly_listener::Listener::new(
-        connect("grizzly-listener").await?,
+        track(connect("grizzly-listener").await?, "listener"),
         settings.clone(),
         &handlers,
     )?;
     let coordinator = grizzly_coordinator::Coordinator::new(
-        connect("grizzly-coordinator").await?,
+        track(connect("grizzly-coordinator").await?, "coordinator"),
         settings.clone(),
     );
     let worker = grizzly_worker::Worker::new(
-        connect("grizzly-worker").await?,
+        track(connect("grizzly-worker").await?, "worker"),
         settings.clone(),
         &handlers,
     )?;
@@ -82,6 +94,9 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCo
         handlers.len(),
         settings.handlers_dir.display()
     );
+    if let Some(ops) = &ops {
+        eprintln!("  metrics: {0}/metrics  health: {0}/readyz", ops.url());
+    }
     let results = tokio::join!(
         component("listener", shutdown.clone(), listener.run(shutdown.clone())),
         component(

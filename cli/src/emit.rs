@@ -21,6 +21,10 @@ pub struct EmitArgs {
     pub id: Option<String>,
     #[arg(long)]
     pub correlation_id: Option<String>,
+    /// W3C trace context to continue (e.g. a handler script passing on its event's
+    /// `traceparent`); without it the event starts a new trace when tracing is on.
+    #[arg(long, env = "TRACEPARENT")]
+    pub traceparent: Option<String>,
 }
 
 pub async fn run(settings: &Settings, args: EmitArgs) -> anyhow::Result<ExitCode> {
@@ -45,6 +49,18 @@ pub async fn run(settings: &Settings, args: EmitArgs) -> anyhow::Result<ExitCode
         event.id = id;
     }
     event.correlationid = Some(args.correlation_id.unwrap_or_else(|| event.id.clone()));
+    // The root of the event's trace (or a child of --traceparent) when tracing is on: everything
+    // the event causes descends from this span.
+    let span = tracing::debug_span!("emit", otel.kind = "producer", event.id = %event.id, subject = %subject);
+    if let Some(tp) = &args.traceparent {
+        anyhow::ensure!(
+            grizzly_shared::trace::is_valid(tp),
+            "--traceparent `{tp}` is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+        );
+    }
+    grizzly_shared::trace::follow_traceparent(&span, args.traceparent.as_deref());
+    event.traceparent = args.traceparent;
+    grizzly_shared::trace::stamp(&mut event, &span);
     let nats = nats::connect(&settings.nats_url, "grizzly-emit", false).await?;
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(event.to_json_bytes())

@@ -64,7 +64,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let settings = cli.args.load()?;
-    grizzly_shared::telemetry::init(&settings.log_format, &settings.log);
+    // Held until the command ends: flushes its spans (e.g. `emit`'s root span) on the way out.
+    let _telemetry = grizzly_shared::telemetry::init(&settings.log_format, &settings.log);
     match cli.command {
         Command::Dev(args) => dev::run(settings, args).await,
         Command::Emit(args) => emit::run(&settings, args).await,

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use grizzly_shared::config::ComponentArgs;
+use grizzly_shared::http::ObservabilityServer;
 use grizzly_shared::{nats, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -18,9 +19,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Cli::parse().args.load()?;
-    telemetry::init(&settings.log_format, &settings.log);
+    let _telemetry = telemetry::init(&settings.log_format, &settings.log);
+    let ops = ObservabilityServer::start_or_warn(&settings.metrics_addr).await;
     let nats = nats::connect(&settings.nats_url, "grizzly-coordinator", true).await?;
+    let shutdown = shutdown::on_signal();
+    if let Some(ops) = &ops {
+        ops.track("coordinator", &nats, &settings, shutdown.clone());
+    }
     grizzly_coordinator::Coordinator::new(nats, settings)
-        .run(shutdown::on_signal())
+        .run(shutdown)
         .await
 }

@@ -29,9 +29,10 @@ use futures::stream::FuturesUnordered;
 use grizzly_shared::dlq::{DeadLetter, headers_to_map};
 use grizzly_shared::envelope::{EventEnvelope, IngestError, StoredMessage, now_rfc3339};
 use grizzly_shared::handler::LoadedHandler;
+use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{self, EVENTS_STREAM, LISTENER_CONSUMER, Nats};
 use grizzly_shared::subject::DLQ_INGEST;
-use grizzly_shared::{EventSubject, Settings, Task};
+use grizzly_shared::{EventSubject, Settings, Task, trace};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -261,14 +262,57 @@ impl Listener {
             Err(e) => warn!(error = %e, "cannot read worker heartbeats yet"),
         }
         tokio::spawn(health::watch(leases, self.health.clone(), shutdown.clone()));
-        let consumer = self.consumer().await?;
+        let mut consumer = self.consumer().await?;
         info!(routes = self.routes.len(), "listener routing");
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Routed>> = FuturesUnordered::new();
         let mut tails = Tails::default();
         // Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
         // never waits on a confirmation that only this loop could collect.
         let mut outstanding = 0usize;
+        let mut interrupted = false;
         'outer: while !shutdown.is_cancelled() {
+            if interrupted {
+                // Events on their way to the interrupted pull are lost to us but stay pending on
+                // the broker until `ack_wait`, while a new pull gets newer events at once: an
+                // aggregate's later event was routed before its earlier one (seen after
+                // SIGSTOP/SIGCONT). So: finish what we hold, and if events we do not hold are
+                // still pending, pull again only once they are due — redeliveries come first.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'outer,
+                        next = in_flight.next() => match next {
+                            Some((done, tail)) => {
+                                outstanding -= done;
+                                if let Some((aggregate, token)) = tail {
+                                    tails.finished(&aggregate, token);
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                match consumer.info().await.map(|i| i.num_ack_pending) {
+                    Ok(0) => {}
+                    Ok(pending) => {
+                        warn!(
+                            pending,
+                            "events of an interrupted pull are pending; resuming once they are due"
+                        );
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(self.settings.listener.ack_wait + Duration::from_millis(500)) => {}
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the listener consumer; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                }
+                interrupted = false;
+            }
             let mut messages = match consumer
                 .stream()
                 .group(LISTENER_GROUP)
@@ -308,9 +352,13 @@ impl Listener {
                             // e.g. a missed idle heartbeat under load: transient, pull again.
                             warn!(error = %e, "EVENTS pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                            interrupted = true;
                             continue 'outer;
                         }
-                        None => continue 'outer,
+                        None => {
+                            interrupted = true;
+                            continue 'outer;
+                        }
                     },
                 }
             }
@@ -403,8 +451,13 @@ impl Listener {
         let stored = StoredMessage::from_jetstream(msg).map_err(anyhow::Error::msg)?;
         let seq = stored.stream_sequence;
         let mut out = Vec::new();
+        metrics().event_in();
         match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
-            Ok(event) => {
+            Ok(mut event) => {
+                let span = tracing::debug_span!("route", otel.kind = "consumer", event.id = %event.id, subject = %msg.subject);
+                trace::follow(&span, &event);
+                // Its tasks (and the events routing writes) continue the trace from this span.
+                trace::stamp(&mut event, &span);
                 let mut targets: Vec<&Route> =
                     self.routes.matching(msg.subject.as_str(), &event).collect();
                 if let Some(capability) = &event.capability {
@@ -420,6 +473,7 @@ impl Listener {
                             };
                             warn!(error = %err, "dead-lettering unroutable event");
                             let dead = ingest_dead_letter(&err, &stored);
+                            metrics().events_out(EventsOut::DeadLetter, 1);
                             let publish = PublishMessage::build()
                                 .payload(dead.to_json_bytes())
                                 .message_id(format!("ingest:{}", seq));
@@ -464,11 +518,13 @@ impl Listener {
                         .payload(task.to_json_bytes())
                         .message_id(task.msg_id());
                     out.push((task.subject(), publish));
+                    metrics().event_routed(&task.handler);
                 }
             }
             Err(err) => {
                 warn!(error = %err, seq = seq, "dead-lettering unparseable event");
                 let dead = ingest_dead_letter(&err, &stored);
+                metrics().events_out(EventsOut::DeadLetter, 1);
                 let publish = PublishMessage::build()
                     .payload(dead.to_json_bytes())
                     .message_id(format!("ingest:{}", seq));

@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use grizzly_shared::config::ComponentArgs;
+use grizzly_shared::http::ObservabilityServer;
 use grizzly_shared::{handler, nats, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -19,10 +20,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Cli::parse().args.load()?;
-    telemetry::init(&settings.log_format, &settings.log);
+    let _telemetry = telemetry::init(&settings.log_format, &settings.log);
+    let ops = ObservabilityServer::start_or_warn(&settings.metrics_addr).await;
     let handlers = handler::load_handlers(&settings.handlers_dir)
         .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
     let nats = nats::connect(&settings.nats_url, "grizzly-listener", true).await?;
+    let shutdown = shutdown::on_signal();
+    if let Some(ops) = &ops {
+        ops.track("listener", &nats, &settings, shutdown.clone());
+    }
     let listener = grizzly_listener::Listener::new(nats, settings, &handlers)?;
-    listener.run(shutdown::on_signal()).await
+    listener.run(shutdown).await
 }

@@ -123,10 +123,16 @@ pub struct Settings {
     pub log_format: String,
     /// Log filter (`GRIZZLY_LOG`), `tracing` EnvFilter syntax.
     pub log: String,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/debug/pprof` are served (`host:port`;
+    /// port 0 picks a free one). `grizzly dev` uses 127.0.0.1:9090 unless this is changed.
+    pub metrics_addr: String,
     pub streams: StreamSettings,
     pub worker: WorkerSettings,
     pub listener: ListenerSettings,
 }
+
+/// Default of `metrics_addr` (the port the Kubernetes probes and scrape config use).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
 
 impl Default for Settings {
     fn default() -> Self {
@@ -138,6 +144,7 @@ impl Default for Settings {
             max_event_bytes: 256 * 1024,
             log_format: "text".into(),
             log: "info".into(),
+            metrics_addr: DEFAULT_METRICS_ADDR.into(),
             streams: StreamSettings::default(),
             worker: WorkerSettings::default(),
             listener: ListenerSettings::default(),
@@ -198,6 +205,12 @@ impl Settings {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "must be `text` or `json`");
+        }
+        if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "metrics_addr",
+                "must be an IP address and port, e.g. 0.0.0.0:9090 or 127.0.0.1:0",
+            );
         }
         if self.streams.replicas == 0 || self.streams.replicas > 5 {
             return invalid("streams.replicas", "must be between 1 and 5");

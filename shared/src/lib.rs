@@ -7,20 +7,26 @@
 //! - [`config`]: layered settings (defaults → file → `GRIZZLY_*` env → flags).
 //! - [`nats`]: connecting and the idempotent setup of streams, consumers and buckets.
 //! - [`nats_server`]: spawning a local `nats-server` child (dev mode and tests).
-//! - [`telemetry`]: logging/tracing set-up.
+//! - [`telemetry`]: logging/tracing set-up (OTLP export when configured, tokio-console).
+//! - [`trace`]: W3C trace context carried by events across processes.
+//! - [`metrics`]: the process-wide Prometheus registry and its fixed metric names.
+//! - [`http`]: the `/metrics`, `/healthz`, `/readyz`, `/debug/pprof` endpoint.
 
 pub mod config;
 pub mod dlq;
 pub mod envelope;
 pub mod handler;
 pub mod headers;
+pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod nats;
 pub mod nats_server;
 pub mod shutdown;
 pub mod subject;
 pub mod task;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::Settings;
 pub use envelope::{EventEnvelope, Priority};

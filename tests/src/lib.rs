@@ -94,6 +94,8 @@ impl TestEnv {
             handlers_dir: dir.path().join("handlers"),
             workflows_dir: dir.path().join("workflows"),
             partitions: 4,
+            // Components under test serve metrics on a free port: tests run side by side.
+            metrics_addr: "127.0.0.1:0".into(),
             ..Settings::default()
         };
         // Short timings so failover and redelivery happen within a test's deadline.
@@ -335,6 +337,7 @@ impl ChildProcess {
                 humantime::format_duration(settings.listener.ack_wait).to_string(),
             )
             .env("GRIZZLY_WORKER__CLAUDE_BIN", &settings.worker.claude_bin)
+            .env("GRIZZLY_METRICS_ADDR", &settings.metrics_addr)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

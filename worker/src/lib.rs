@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use crate::breaker::Breaker;
 use crate::executor::{ExecutionEnv, HandlerContext};
-use crate::partition::PartitionRunner;
+use crate::partition::{LeaseFence, PartitionRunner};
 use crate::runtime::Runtime;
 
 /// Builds the runtime for a handler's `kind`.
@@ -50,6 +50,8 @@ pub fn runtime_for(
 
 struct Owned {
     revision: u64,
+    /// Moved on with each confirmed renewal; the runner stops acting once it passes.
+    fence: LeaseFence,
     stop: CancellationToken,
     task: JoinHandle<()>,
     /// Released partitions keep their lease until running tasks finish.
@@ -119,6 +121,7 @@ impl Worker {
             ack_wait: self.settings.worker.ack_wait,
         };
         info!(worker = %self.id, handlers = self.handlers.len(), "worker started");
+        let _gauges = grizzly_shared::metrics::metrics().on_scrape(handler_gauges(&self.handlers));
         let mut owned: HashMap<(String, u16), Owned> = HashMap::new();
         let mut tick = tokio::time::interval(self.settings.worker.lease_ttl / 3);
         loop {
@@ -175,6 +178,7 @@ impl Worker {
         // Renew; a failed renewal means someone else owns it now: stop at once.
         let mut lost = Vec::new();
         for ((handler, partition), o) in owned.iter_mut() {
+            let asked = tokio::time::Instant::now();
             match leases
                 .update(
                     lease_key(handler, *partition),
@@ -183,7 +187,10 @@ impl Worker {
                 )
                 .await
             {
-                Ok(rev) => o.revision = rev,
+                Ok(rev) => {
+                    o.revision = rev;
+                    o.fence.extend(asked + self.lease_margin());
+                }
                 Err(e) => {
                     warn!(%handler, partition, error = %e, "lease lost");
                     o.stop.cancel();
@@ -236,22 +243,26 @@ impl Worker {
                 if owned.contains_key(&(name.to_string(), partition)) {
                     continue;
                 }
+                let asked = tokio::time::Instant::now();
                 if let Ok(revision) = leases
                     .create(lease_key(name, partition), self.id.clone().into())
                     .await
                 {
                     let stop = CancellationToken::new();
+                    let fence = LeaseFence::new(asked + self.lease_margin());
                     let runner = PartitionRunner {
                         ctx: ctx.clone(),
                         env: env.clone(),
                         partition,
                         max_ack_pending: self.settings.worker.max_ack_pending,
+                        fence: fence.clone(),
                     };
                     let task = tokio::spawn(runner.run(stop.clone()));
                     owned.insert(
                         (name.to_string(), partition),
                         Owned {
                             revision,
+                            fence,
                             stop,
                             task,
                             releasing: false,
@@ -262,6 +273,12 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// How long after asking for a lease (or its renewal) it is surely still ours: the bucket
+    /// expires it `lease_ttl` after the write; a third of that is left as margin.
+    fn lease_margin(&self) -> Duration {
+        self.settings.worker.lease_ttl * 2 / 3
     }
 
     /// What other components learn about this worker: the handlers (and versions) it serves and
@@ -300,6 +317,25 @@ impl Worker {
             }
         }
         Ok(counts)
+    }
+}
+
+/// Refreshes the per-handler gauges (breaker, pool) at scrape time.
+fn handler_gauges(handlers: &[Arc<HandlerContext>]) -> impl Fn() + Send + Sync + 'static {
+    let handlers = handlers.to_vec();
+    for h in &handlers {
+        grizzly_shared::metrics::metrics().register_handler(h.name());
+    }
+    move || {
+        let m = grizzly_shared::metrics::metrics();
+        for h in &handlers {
+            m.set_breaker_open(h.name(), h.breaker.state().name() == "open");
+            let pool = h.runtime.state();
+            let n = |key: &str| pool[key].as_u64().unwrap_or(0);
+            if pool.is_object() {
+                m.set_pool(h.name(), n("busy"), n("idle"), n("max"));
+            }
+        }
     }
 }
 

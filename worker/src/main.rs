@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use grizzly_shared::config::ComponentArgs;
+use grizzly_shared::http::ObservabilityServer;
 use grizzly_shared::{handler, nats, shutdown, telemetry};
 
 #[derive(Parser)]
@@ -32,10 +33,15 @@ async fn main() -> anyhow::Result<()> {
         return grizzly_worker::mcp::serve_stdio().await;
     }
     let settings = cli.args.load()?;
-    telemetry::init(&settings.log_format, &settings.log);
+    let _telemetry = telemetry::init(&settings.log_format, &settings.log);
+    let ops = ObservabilityServer::start_or_warn(&settings.metrics_addr).await;
     let handlers = handler::load_handlers(&settings.handlers_dir)
         .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
     let nats = nats::connect(&settings.nats_url, "grizzly-worker", true).await?;
+    let shutdown = shutdown::on_signal();
+    if let Some(ops) = &ops {
+        ops.track("worker", &nats, &settings, shutdown.clone());
+    }
     let worker = grizzly_worker::Worker::new(nats, settings, &handlers)?;
-    worker.run(shutdown::on_signal()).await
+    worker.run(shutdown).await
 }

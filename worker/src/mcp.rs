@@ -161,6 +161,13 @@ impl EmitServer {
             }
             None => EventEnvelope::new(&subject, "grizzly/mcp", args.data),
         };
+        // A child of the Claude turn (its context is in the turn file); the event carries this span.
+        let span = tracing::debug_span!("mcp_emit_event", otel.kind = "producer", event.id = %envelope.id, subject = %subject);
+        if let Some(c) = &ctx {
+            grizzly_shared::trace::follow(&span, &c.event);
+        }
+        let mut envelope = envelope;
+        grizzly_shared::trace::stamp(&mut envelope, &span);
         let url = ctx
             .as_ref()
             .map(|c| c.nats_url.clone())
@@ -241,7 +248,8 @@ impl ServerHandler for EmitServer {
 
 /// Serves MCP on stdin/stdout until the client (Claude Code) closes stdin.
 pub async fn serve_stdio() -> anyhow::Result<()> {
-    grizzly_shared::telemetry::init("text", "warn");
+    // Held while serving: flushes this process's spans when Claude Code closes it.
+    let _telemetry = grizzly_shared::telemetry::init_as("grizzly-mcp", "text", "warn");
     let server = EmitServer {
         turn_file: std::env::var_os(TURN_FILE_ENV).map(PathBuf::from),
         nats: OnceCell::new(),

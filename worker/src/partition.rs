@@ -43,7 +43,33 @@ pub struct PartitionRunner {
     pub env: ExecutionEnv,
     pub partition: u16,
     pub max_ack_pending: i64,
+    pub fence: LeaseFence,
 }
+
+/// Until when the partition's lease is surely still ours: the worker moves it on with every
+/// confirmed renewal. Past it the runner pulls and starts nothing, because another worker may
+/// own the partition by now — a worker whose lease rounds stalled (SIGSTOP, a broker restart)
+/// otherwise kept pulling from the consumer its successor had just recreated, took some of an
+/// aggregate's tasks, and the successor ran later tasks of that aggregate first.
+#[derive(Clone)]
+pub struct LeaseFence(Arc<std::sync::Mutex<Instant>>);
+
+impl LeaseFence {
+    pub fn new(until: Instant) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(until)))
+    }
+
+    pub fn extend(&self, until: Instant) {
+        *self.0.lock().expect("fence lock") = until;
+    }
+
+    pub fn held(&self) -> bool {
+        Instant::now() < *self.0.lock().expect("fence lock")
+    }
+}
+
+/// How often a fenced runner looks again.
+const FENCE_POLL: Duration = Duration::from_millis(50);
 
 struct Held {
     msg: jetstream::Message,
@@ -230,6 +256,13 @@ impl PartitionRunner {
         let mut slots: Option<BoxFuture<'static, Slots>> = None;
         let mut interrupted = false;
         'pull: while !stop.is_cancelled() {
+            while !self.fence.held() {
+                tokio::select! {
+                    _ = stop.cancelled() => break 'pull,
+                    Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                    _ = tokio::time::sleep(FENCE_POLL) => {}
+                }
+            }
             if interrupted {
                 // Tasks on their way to the interrupted pull are lost to us but stay pending on
                 // the broker until `ack_wait`, while a new pull gets newer tasks at once: a later
@@ -269,6 +302,15 @@ impl PartitionRunner {
                 }
             };
             loop {
+                if !self.fence.held() {
+                    // Start and pull nothing until the lease is renewed (or lost: then `stop`).
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'pull,
+                        Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                        _ = tokio::time::sleep(FENCE_POLL) => {}
+                    }
+                    continue;
+                }
                 let next_due = schedule.release_due();
                 if slots.is_none() && schedule.has_ready() {
                     let (h, w) = (self.ctx.limit.clone(), self.env.worker_limit.clone());

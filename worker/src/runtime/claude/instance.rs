@@ -204,14 +204,22 @@ impl ClaudeInstance {
             .map_err(|e| format!("cannot create instance directory: {e}"))?;
         let (home, work) = (dir.path().join("home"), dir.path().join("work"));
         let mcp_config = dir.path().join("mcp.json");
+        let mut mcp_env = json!({
+            TURN_FILE_ENV: dir.path().join("turn.json"),
+            NATS_URL_ENV: launch.nats_url,
+        });
+        // Claude Code gives MCP servers a minimal environment: hand the trace export set-up on
+        // (the server names itself `grizzly-mcp`).
+        for (k, v) in
+            std::env::vars().filter(|(k, _)| k.starts_with("OTEL_") && k != "OTEL_SERVICE_NAME")
+        {
+            mcp_env[k] = v.into();
+        }
         let servers = json!({"mcpServers": {"grizzly": {
             "type": "stdio",
             "command": launch.mcp_program,
             "args": ["mcp"],
-            "env": {
-                TURN_FILE_ENV: dir.path().join("turn.json"),
-                NATS_URL_ENV: launch.nats_url,
-            },
+            "env": mcp_env,
         }}});
         std::fs::create_dir_all(&home)
             .and_then(|()| std::fs::create_dir_all(&work))

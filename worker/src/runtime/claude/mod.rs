@@ -18,13 +18,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use grizzly_shared::handler::{LoadedHandler, SessionMode};
-use grizzly_shared::{Settings, Task};
+use grizzly_shared::{Settings, Task, trace};
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, context};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout_at};
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 pub use instance::{ClaudeInstance, Launch, TurnError};
 
@@ -104,13 +104,18 @@ impl ClaudeRuntime {
             self.pool.checkin(lease, false).await;
             return Err(InvokeError::Crashed(e));
         }
-        if let Err(e) = instance.write_turn_context(&self.handler, &self.nats_url, event) {
+        // The turn's span; the agent's MCP emissions (read from the turn context) are its children.
+        let span = tracing::debug_span!("claude_turn", handler = %self.handler, instance = instance.pid, warm);
+        trace::follow(&span, event);
+        let mut turn_event = event.clone();
+        trace::stamp(&mut turn_event, &span);
+        if let Err(e) = instance.write_turn_context(&self.handler, &self.nats_url, &turn_event) {
             self.pool.checkin(lease, false).await;
             return Err(InvokeError::Start(format!(
                 "cannot write the MCP turn context: {e}"
             )));
         }
-        let outcome = instance.turn(&prompt, deadline).await;
+        let outcome = instance.turn(&prompt, deadline).instrument(span).await;
         let pid = instance.pid;
         let result = match outcome {
             Ok(result) => result,
