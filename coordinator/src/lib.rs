@@ -1,26 +1,230 @@
 //! The coordinator: runs declarative YAML workflows as durable state machines.
-//! (The workflow engine is being built; today the coordinator connects, sets up the streams and
-//! waits, so the three components start the same way everywhere.)
+//!
+//! - [`dsl`]: the workflow language (types, parsing, validation, JSON Schema).
+//! - [`expr`]: CEL expressions and `${ }` templates.
+//! - [`machine`]: instance statuses and the transition table.
+//! - [`instance`]: instance state and the (pure) interpreter.
+//! - [`engine`]: one partition of instances: consume, checkpoint, publish, timers.
+//! - [`registry`]: workflow versions, pinned once an instance ran them.
+//! - [`projection`]: the read model behind `grizzly workflow list|status`.
+//! - [`simulate`]: `grizzly workflow test` (scripted outcomes, no broker); [`docs`]: Markdown.
+//!
+//! Instances are partitioned by id (`partition_for(id, partitions)`); a coordinator owns a fair
+//! share of the partitions through leases `wf.partition.<p>` in KV `grizzly_leases` (renewed
+//! every third of `worker.lease_ttl`), so each instance has exactly one owner at a time and a
+//! dead coordinator's partitions move to the survivors within one lease TTL. Lease `wf.projection`
+//! picks the replica that maintains the read model.
 
+pub mod docs;
+pub mod dsl;
+pub mod engine;
+pub mod expr;
+pub mod instance;
+pub mod machine;
+pub mod projection;
+pub mod registry;
+pub mod simulate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use async_nats::jetstream::kv;
+use futures::StreamExt;
 use grizzly_shared::Settings;
+use grizzly_shared::handler::load_handlers;
 use grizzly_shared::nats::{self, Nats};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::dsl::Catalog;
+use crate::engine::{PartitionEngine, Shared};
+use crate::registry::Registry;
+
+const PROJECTION_LEASE: &str = "wf.projection";
+
+fn partition_lease(p: u16) -> String {
+    format!("wf.partition.{p}")
+}
+
+struct Owned {
+    revision: u64,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
 
 pub struct Coordinator {
     nats: Nats,
     settings: Settings,
+    id: String,
 }
 
 impl Coordinator {
     pub fn new(nats: Nats, settings: Settings) -> Self {
-        Self { nats, settings }
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        let id = format!("{host}-{}-{}", std::process::id(), grizzly_shared::ids::new_event_id())
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        Self { nats, settings, id }
     }
 
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Loads handlers and workflows (refusing invalid files), then runs owned partitions and,
+    /// when it holds that lease, the projector, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
-        info!("coordinator idle: no workflow engine yet");
-        shutdown.cancelled().await;
+        let js = &self.nats.js;
+        let replicas = self.settings.streams.replicas;
+        nats::ensure_streams(js, &self.settings.streams).await?;
+        let handlers = load_handlers(&self.settings.handlers_dir).with_context(|| {
+            format!("loading handlers from {}", self.settings.handlers_dir.display())
+        })?;
+        let workflows = dsl::load_dir(&self.settings.workflows_dir, &handlers).with_context(|| {
+            format!(
+                "loading workflows from {}",
+                self.settings.workflows_dir.display()
+            )
+        })?;
+        let leases = nats::ensure_lease_bucket(js, self.settings.worker.lease_ttl, replicas).await?;
+        let pinned = registry::ensure_bucket(js, replicas).await?;
+        let checkpoints = engine::ensure_instances_bucket(js, replicas).await?;
+        projection::ensure_bucket(js, replicas).await?;
+        info!(
+            coordinator = %self.id,
+            workflows = workflows.len(),
+            handlers = handlers.len(),
+            "coordinator started"
+        );
+        let shared = Arc::new(Shared {
+            nats: self.nats.clone(),
+            settings: self.settings.clone(),
+            registry: Registry::new(workflows, Catalog::from_handlers(&handlers), pinned),
+            checkpoints,
+        });
+        let mut owned: HashMap<String, Owned> = HashMap::new();
+        let mut tick = tokio::time::interval(self.settings.worker.lease_ttl / 3);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.balance(&leases, &shared, &mut owned).await {
+                        warn!(error = %e, "coordinator lease round failed");
+                    }
+                }
+            }
+        }
+        for o in owned.values() {
+            o.stop.cancel();
+        }
+        for (key, o) in owned.drain() {
+            let _ = o.task.await;
+            let _ = leases.delete(&key).await;
+        }
+        let _ = leases.delete(format!("wf.coordinator.{}", self.id)).await;
+        info!(coordinator = %self.id, "coordinator stopped");
+        Ok(())
+    }
+
+    async fn live_coordinators(&self, leases: &kv::Store) -> anyhow::Result<usize> {
+        let mut keys = leases.keys().await?;
+        let mut n = 0;
+        while let Some(key) = keys.next().await {
+            if key?.starts_with("wf.coordinator.") {
+                n += 1;
+            }
+        }
+        Ok(n.max(1))
+    }
+
+    /// One lease round: heartbeat, renew, release surplus, claim up to the fair share.
+    async fn balance(
+        &self,
+        leases: &kv::Store,
+        shared: &Arc<Shared>,
+        owned: &mut HashMap<String, Owned>,
+    ) -> anyhow::Result<()> {
+        leases
+            .put(format!("wf.coordinator.{}", self.id), self.id.clone().into())
+            .await?;
+        let mut lost = Vec::new();
+        for (key, o) in owned.iter_mut() {
+            match leases.update(key, self.id.clone().into(), o.revision).await {
+                Ok(r) => o.revision = r,
+                Err(e) => {
+                    warn!(lease = %key, error = %e, "lease lost");
+                    o.stop.cancel();
+                    lost.push(key.clone());
+                }
+            }
+        }
+        for key in lost {
+            owned.remove(&key);
+        }
+        let partitions = self.settings.partitions;
+        let fair = usize::from(partitions).div_ceil(self.live_coordinators(leases).await?);
+        let mine: Vec<String> = owned
+            .keys()
+            .filter(|k| k.starts_with("wf.partition."))
+            .cloned()
+            .collect();
+        if mine.len() > fair {
+            for key in mine.iter().skip(fair) {
+                if let Some(o) = owned.remove(key) {
+                    info!(lease = %key, "releasing workflow partition to rebalance");
+                    o.stop.cancel();
+                    let _ = o.task.await;
+                    let _ = leases.delete(key).await;
+                }
+            }
+        }
+        let mut have = mine.len().min(fair);
+        for p in 0..partitions {
+            if have >= fair {
+                break;
+            }
+            let key = partition_lease(p);
+            if owned.contains_key(&key) {
+                continue;
+            }
+            if let Ok(revision) = leases.create(&key, self.id.clone().into()).await {
+                let stop = CancellationToken::new();
+                let engine = PartitionEngine::new(shared.clone(), p);
+                let task = tokio::spawn(engine.run(stop.clone()));
+                owned.insert(
+                    key,
+                    Owned {
+                        revision,
+                        stop,
+                        task,
+                    },
+                );
+                have += 1;
+            }
+        }
+        if !owned.contains_key(PROJECTION_LEASE)
+            && let Ok(revision) = leases
+                .create(PROJECTION_LEASE, self.id.clone().into())
+                .await
+        {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(projection::run_projector(
+                self.nats.clone(),
+                self.settings.streams.replicas,
+                stop.clone(),
+            ));
+            owned.insert(
+                PROJECTION_LEASE.into(),
+                Owned {
+                    revision,
+                    stop,
+                    task,
+                },
+            );
+        }
         Ok(())
     }
 }

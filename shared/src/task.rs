@@ -26,6 +26,12 @@ pub struct Task {
     /// Set when an operator re-drove the task from the DLQ (makes its id distinct).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<u64>,
+    /// Per-attempt time limit overriding the handler's `timeout` (a workflow step's `timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Attempts overriding the handler's `retry.max_attempts` (a workflow step's `retry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 impl Task {
@@ -47,6 +53,8 @@ impl Task {
             ordering_key: None,
             not_before_ms: None,
             redrive: None,
+            timeout_ms: None,
+            max_attempts: None,
         }
     }
 

@@ -12,12 +12,13 @@ use backon::BackoffBuilder;
 use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
 use grizzly_shared::envelope::now_rfc3339;
 use grizzly_shared::handler::LoadedHandler;
+use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{Nats, publish_confirmed};
 use grizzly_shared::subject::{EventSubject, dlq_subject};
-use grizzly_shared::{EventEnvelope, Task};
+use grizzly_shared::{EventEnvelope, Task, trace};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::breaker::{Breaker, Transition};
 use crate::runtime::{HandlerResult, Invocation, InvokeError, Runtime};
@@ -82,10 +83,13 @@ pub async fn execute(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
     msg: jetstream::Message,
-    task: Task,
+    mut task: Task,
     _slots: Slots,
 ) {
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    // One span per task, a child per attempt; what an attempt writes carries its context.
+    let handle = tracing::debug_span!("handle", otel.kind = "consumer", handler = %ctx.name(), event.id = %task.event.id, event.seq = task.event_seq);
+    trace::follow(&handle, &task.event);
     let spec = &ctx.handler.spec;
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(spec.retry.initial_backoff)
@@ -94,7 +98,15 @@ pub async fn execute(
         .without_max_times()
         .build();
     let mut history = Vec::new();
-    for attempt in 1..=spec.retry.max_attempts {
+    // A workflow step may override the handler's timeout and attempts for its task.
+    let timeout = task
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(spec.timeout);
+    let max_attempts = task.max_attempts.unwrap_or(spec.retry.max_attempts).max(1);
+    for attempt in 1..=max_attempts {
+        let attempt_span = tracing::debug_span!(parent: &handle, "attempt", attempt, handler = %ctx.name(), otel.status_code = tracing::field::Empty);
+        trace::stamp(&mut task.event, &attempt_span);
         ctx.breaker.admit().await;
         ctx.throttle_gate().await;
         let started = Instant::now();
@@ -105,29 +117,33 @@ pub async fn execute(
         let invocation = Invocation {
             task: &task,
             attempt,
-            timeout: spec.timeout,
+            timeout,
         };
         // Safety net above the runtime's own deadline handling.
         let outcome = match tokio::time::timeout(
-            spec.timeout + Duration::from_secs(15),
-            ctx.runtime.invoke(invocation),
+            timeout + Duration::from_secs(15),
+            ctx.runtime
+                .invoke(invocation)
+                .instrument(attempt_span.clone()),
         )
         .await
         {
             Ok(outcome) => outcome,
-            Err(_) => Err(InvokeError::Timeout(spec.timeout)),
+            Err(_) => Err(InvokeError::Timeout(timeout)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let outcome = outcome.and_then(|result| {
             let emitted = emitted_envelopes(ctx, &task, &result).map_err(InvokeError::Failed)?;
             Ok((result, emitted))
         });
+        metrics().handler_attempt(ctx.name(), outcome.is_ok(), started.elapsed());
         match outcome {
             Ok((mut result, emitted)) => {
                 result
                     .details
                     .insert("started_at_ms".into(), started_at_ms.into());
                 note_transition(ctx, env, &task, ctx.breaker.record(true)).await;
+                count_success(ctx, &result, emitted.len());
                 write_success(ctx, env, &task, attempt, duration_ms, result, emitted).await;
                 if let Err(e) = msg.ack().await {
                     warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
@@ -135,8 +151,13 @@ pub async fn execute(
                 return;
             }
             Err(error) => {
+                attempt_span.record("otel.status_code", "ERROR");
                 note_transition(ctx, env, &task, ctx.breaker.record(false)).await;
-                let will_retry = attempt < spec.retry.max_attempts;
+                let will_retry = attempt < max_attempts;
+                metrics().events_out(EventsOut::Outcome, 1);
+                if will_retry {
+                    metrics().handler_retry(ctx.name());
+                }
                 warn!(handler = %ctx.name(), event = %task.event.id, attempt, %error, will_retry, "handler attempt failed");
                 history.push(AttemptError {
                     attempt,
@@ -154,6 +175,7 @@ pub async fn execute(
                     will_retry,
                 )
                 .await;
+                drop(attempt_span);
                 if will_retry {
                     tokio::time::sleep(delays.next().unwrap_or(spec.retry.max_backoff)).await;
                 } else {
@@ -174,6 +196,35 @@ pub async fn execute(
     if let Err(e) = msg.ack().await {
         warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
     }
+}
+
+/// Outcome, emitted events and model usage of a successful attempt.
+fn count_success(ctx: &HandlerContext, result: &HandlerResult, emitted: usize) {
+    let m = metrics();
+    // Events an agent emitted through MCP are already in the log; the runtime lists their ids.
+    let via_mcp = result
+        .details
+        .get("emitted")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    m.events_out(EventsOut::Emitted, (emitted + via_mcp) as u64);
+    m.events_out(EventsOut::Outcome, 1);
+    let usage = result.details.get("usage");
+    let tokens = |key: &str| {
+        usage
+            .and_then(|u| u.get(key))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let input = tokens("input_tokens")
+        + tokens("cache_creation_input_tokens")
+        + tokens("cache_read_input_tokens");
+    let cost = result
+        .details
+        .get("total_cost_usd")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    m.model_usage(ctx.name(), input, tokens("output_tokens"), cost);
 }
 
 fn source(ctx: &HandlerContext) -> String {
@@ -341,6 +392,7 @@ async fn write_dead_letter(
     };
     dead.set_original_payload(&task.event.to_json_bytes());
     info!(handler = %ctx.name(), event = %task.event.id, "dead-lettering after {} attempts", dead.attempts);
+    metrics().events_out(EventsOut::DeadLetter, 1);
     let publish = PublishMessage::build()
         .payload(dead.to_json_bytes())
         .message_id(format!("dlq:{}:{delivery}", task.msg_id()));
@@ -360,6 +412,7 @@ async fn note_transition(
         Transition::Closed => "breaker_closed",
     };
     warn!(handler = %ctx.name(), "circuit breaker {event_type}");
+    metrics().set_breaker_open(ctx.name(), matches!(transition, Transition::Opened));
     let Ok(subject) = EventSubject::new("system", ctx.name(), event_type) else {
         return;
     };

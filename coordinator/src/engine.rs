@@ -1,0 +1,677 @@
+//! One partition of workflow instances (`partition_for(instance_id)`), owned by exactly one
+//! coordinator at a time (KV lease `wf.partition.<p>`).
+//!
+//! The engine consumes `EVENTS` with its own durable consumer `coordinator-<p>` (filtered on
+//! `events.workflow.>` plus every trigger and wait pattern) strictly one message at a time:
+//! 1. route the event to the instances of this partition it concerns (a trigger, a step outcome,
+//!    an awaited event, a timer, a child's end, an operator request);
+//! 2. apply it ([`InstanceState::apply`]) and checkpoint the new state *with its effects* in KV
+//!    `grizzly_wf_instances` (compare-and-set on the revision read);
+//! 3. publish the effects (events, then tasks), each confirmed by the broker;
+//! 4. ack.
+//!
+//! A crash anywhere replays the message: an instance whose `last_seq` already covers it only
+//! re-publishes its outbox (same ids, dropped as duplicates). Taking a partition over recreates
+//! the consumer from its ack floor, so events are applied in log order across fail-overs.
+//! Timers live in the checkpoints; the owner fires due ones as `timer_fired` events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
+use grizzly_shared::nats::{EVENTS_STREAM, Nats, publish_confirmed};
+use grizzly_shared::task::partition_for;
+use grizzly_shared::{EventSubject, Settings, Task};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::instance::{
+    AGGREGATE, Ctx, Effect, Input, InstanceState, ParentRef, SOURCE, instance_id_for_trigger,
+    timer_event_id,
+};
+use crate::registry::Registry;
+
+pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
+/// Ack wait of the partition consumers; a new owner does not wait for it (it recreates the
+/// consumer from the ack floor).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+pub fn consumer_name(partition: u16) -> String {
+    format!("coordinator-{partition}")
+}
+
+pub async fn ensure_instances_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> anyhow::Result<kv::Store> {
+    Ok(js
+        .create_or_update_key_value(kv::Config {
+            bucket: INSTANCES_BUCKET.into(),
+            description: "Grizzly workflow instance checkpoints".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// Everything the partitions of one coordinator share.
+pub struct Shared {
+    pub nats: Nats,
+    pub settings: Settings,
+    pub registry: Registry,
+    pub checkpoints: kv::Store,
+}
+
+/// What an event means for one instance.
+#[derive(Debug, Clone)]
+enum Routed {
+    Start {
+        workflow: String,
+        version: Option<u32>,
+        input: Option<Value>,
+        parent: Option<ParentRef>,
+    },
+    Input(Input),
+}
+
+struct Cached {
+    state: InstanceState,
+    revision: u64,
+}
+
+pub struct PartitionEngine {
+    pub shared: Arc<Shared>,
+    pub partition: u16,
+    instances: HashMap<String, Cached>,
+    /// Timers whose `timer_fired` was published and not applied yet.
+    fired: HashSet<(String, String)>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Filter subjects for a set of patterns: `events.workflow.>` plus the patterns, without the
+/// ones another covers; `events.>` when two still overlap (the server refuses overlaps).
+pub fn filter_subjects(patterns: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = vec![format!("events.{AGGREGATE}.>")];
+    all.extend(patterns.iter().cloned());
+    all.sort();
+    all.dedup();
+    let kept: Vec<String> = all
+        .iter()
+        .filter(|p| !all.iter().any(|q| q != *p && covers(q, p)))
+        .cloned()
+        .collect();
+    for (i, a) in kept.iter().enumerate() {
+        for b in &kept[i + 1..] {
+            if overlaps(a, b) {
+                return vec!["events.>".into()];
+            }
+        }
+    }
+    kept
+}
+
+/// Whether every subject matching `b` matches `a`.
+fn covers(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+    for (i, at) in a.iter().enumerate() {
+        if *at == ">" {
+            return b.len() > i;
+        }
+        match b.get(i) {
+            None => return false,
+            Some(&">") => return false,
+            Some(&"*") if *at != "*" => return false,
+            Some(bt) if *at != "*" && at != bt => return false,
+            _ => {}
+        }
+    }
+    a.len() == b.len()
+}
+
+/// Whether some subject matches both patterns.
+fn overlaps(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+    for i in 0.. {
+        match (a.get(i), b.get(i)) {
+            (None, None) => return true,
+            (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
+            (Some(x), Some(y)) if *x == "*" || *y == "*" || x == y => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+impl PartitionEngine {
+    pub fn new(shared: Arc<Shared>, partition: u16) -> Self {
+        Self {
+            shared,
+            partition,
+            instances: HashMap::new(),
+            fired: HashSet::new(),
+        }
+    }
+
+    fn mine(&self, instance: &str) -> bool {
+        partition_for(instance, self.shared.settings.partitions) == self.partition
+    }
+
+    /// Loads the unfinished instances of this partition.
+    async fn load(&mut self) -> anyhow::Result<()> {
+        self.instances.clear();
+        let kv = &self.shared.checkpoints;
+        let mut keys = kv.keys().await?;
+        let mut mine = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if self.mine(&key) {
+                mine.push(key);
+            }
+        }
+        for key in mine {
+            if let Some(entry) = kv.entry(&key).await?
+                && let Ok(state) = serde_json::from_slice::<InstanceState>(&entry.value)
+                && !state.status.is_terminal()
+            {
+                // Known definitions keep the consumer's filter complete.
+                if let Err(e) = self.shared.registry.get(&state.workflow, state.version).await {
+                    error!(instance = %key, error = %e, "definition of a running instance is missing");
+                }
+                self.instances.insert(
+                    key,
+                    Cached {
+                        state,
+                        revision: entry.revision,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn fresh_consumer(&self) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+        let stream = self.shared.nats.js.get_stream(EVENTS_STREAM).await?;
+        let name = consumer_name(self.partition);
+        let start = match stream.consumer_info(&name).await {
+            Ok(info) => Some(info.ack_floor.stream_sequence + 1),
+            Err(_) => None,
+        };
+        let _ = stream.delete_consumer(&name).await;
+        let deliver_policy = match start {
+            Some(start_sequence) if start_sequence > 1 => {
+                DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            _ => DeliverPolicy::All,
+        };
+        let filter_subjects = filter_subjects(&self.shared.registry.subscriptions());
+        debug!(partition = self.partition, ?filter_subjects, ?deliver_policy, "partition consumer");
+        Ok(stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name),
+                description: Some(format!("workflow instances of partition {}", self.partition)),
+                filter_subjects,
+                deliver_policy,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: 256,
+                ..Default::default()
+            })
+            .await?)
+    }
+
+    /// Runs the partition until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let p = self.partition;
+        let mut consumer = loop {
+            let ready = async {
+                self.load().await.context("loading checkpoints")?;
+                self.fresh_consumer().await.context("partition consumer")
+            };
+            match ready.await {
+                Ok(c) => break c,
+                Err(e) => {
+                    warn!(partition = p, error = %e, "cannot take partition yet; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
+        info!(partition = p, instances = self.instances.len(), "workflow partition acquired");
+        let mut recreate = false;
+        'pull: while !stop.is_cancelled() {
+            if std::mem::take(&mut recreate) {
+                match self.fresh_consumer().await {
+                    Ok(c) => consumer = c,
+                    Err(e) => {
+                        recreate = true;
+                        warn!(partition = p, error = %e, "cannot recreate partition consumer");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                }
+            }
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(64)
+                .heartbeat(Duration::from_secs(2))
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(partition = p, error = %e, "cannot pull events; retrying");
+                    recreate = true;
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                self.fire_due_timers().await;
+                let next_due = self.next_due();
+                let sleep = async {
+                    match next_due {
+                        Some(at) => {
+                            tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms())))
+                                .await
+                        }
+                        None => futures::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break 'pull,
+                    _ = sleep => {}
+                    next = messages.next() => match next {
+                        Some(Ok(msg)) => {
+                            self.handle(&msg).await;
+                            if let Err(e) = msg.ack().await {
+                                warn!(error = %e, "ack failed; the event will be replayed (idempotent)");
+                            }
+                        }
+                        Some(Err(e)) => {
+                            // e.g. a missed heartbeat under load: recreate in log order.
+                            warn!(partition = p, error = %e, "event pull interrupted; resuming");
+                            recreate = true;
+                            continue 'pull;
+                        }
+                        None => {
+                            recreate = true;
+                            continue 'pull;
+                        }
+                    },
+                }
+            }
+        }
+        info!(partition = p, "workflow partition released");
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.instances
+            .iter()
+            .flat_map(|(id, c)| {
+                c.state
+                    .timers
+                    .iter()
+                    .filter(move |(t, _)| !self.fired.contains(&(id.clone(), (*t).clone())))
+                    .map(|(_, due)| *due)
+            })
+            .min()
+    }
+
+    /// Publishes `timer_fired` for every due timer (applied when it comes back in the log).
+    async fn fire_due_timers(&mut self) {
+        let now = now_ms();
+        let due: Vec<(String, String, String)> = self
+            .instances
+            .iter()
+            .flat_map(|(id, c)| {
+                c.state
+                    .timers
+                    .iter()
+                    .filter(|(_, due)| **due <= now)
+                    .map(|(t, _)| (id.clone(), t.clone(), c.state.correlation.clone()))
+            })
+            .filter(|(id, t, _)| !self.fired.contains(&(id.clone(), t.clone())))
+            .collect();
+        for (instance, timer, correlation) in due {
+            let subject = EventSubject::new(AGGREGATE, &instance, "timer_fired").expect("valid");
+            let mut event = EventEnvelope::new(&subject, SOURCE, json!({"timer": timer}));
+            event.id = timer_event_id(&instance, &timer);
+            event.correlationid = Some(correlation);
+            let publish = PublishMessage::build()
+                .payload(event.to_json_bytes())
+                .headers(event.headers());
+            publish_confirmed(&self.shared.nats.js, &subject.to_string(), publish, None).await;
+            debug!(%instance, %timer, "timer fired");
+            self.fired.insert((instance, timer));
+        }
+    }
+
+    async fn handle(&mut self, msg: &jetstream::Message) {
+        let Ok(stored) = StoredMessage::from_jetstream(msg) else {
+            return;
+        };
+        let seq = stored.stream_sequence;
+        // Unparseable events are the listener's to dead-letter.
+        let Ok(event) = EventEnvelope::from_stored(&stored, usize::MAX) else {
+            return;
+        };
+        for (instance, routed) in self.route(&stored, &event) {
+            if self.mine(&instance) {
+                self.process(&instance, routed, &event, seq).await;
+            }
+        }
+    }
+
+    fn route(&self, msg: &StoredMessage<'_>, event: &EventEnvelope) -> Vec<(String, Routed)> {
+        let mut out = Vec::new();
+        let data = &event.data;
+        if event.aggregatetype == AGGREGATE {
+            let id = event.aggregateid.clone();
+            let str_of = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_string);
+            match event.event_type.as_str() {
+                "start_requested" => {
+                    if let Some(workflow) = str_of("workflow") {
+                        out.push((
+                            id.clone(),
+                            Routed::Start {
+                                workflow,
+                                version: data
+                                    .get("version")
+                                    .and_then(Value::as_u64)
+                                    .map(|v| v as u32),
+                                input: data.get("input").cloned(),
+                                parent: data
+                                    .get("parent")
+                                    .and_then(|p| serde_json::from_value(p.clone()).ok()),
+                            },
+                        ));
+                    }
+                }
+                t @ ("suspend_requested" | "resume_requested" | "cancel_requested") => {
+                    let transition = crate::machine::Transition::parse_request(
+                        t.trim_end_matches("_requested"),
+                    )
+                    .expect("matched above");
+                    out.push((
+                        id.clone(),
+                        Routed::Input(Input::Request {
+                            transition,
+                            reason: str_of("reason"),
+                        }),
+                    ));
+                }
+                "handler_succeeded" | "handler_failed" => {
+                    let ok = event.event_type == "handler_succeeded";
+                    let last = ok
+                        || data.get("dead_lettered").and_then(Value::as_bool) == Some(true)
+                        || data.get("will_retry").and_then(Value::as_bool) == Some(false);
+                    if let (true, Some(event_id)) = (last, str_of("event_id")) {
+                        out.push((
+                            id.clone(),
+                            Routed::Input(Input::Outcome {
+                                event_id,
+                                ok,
+                                output: data.get("output").cloned().unwrap_or_default(),
+                                error: str_of("error"),
+                            }),
+                        ));
+                    }
+                }
+                "timer_fired" => {
+                    if let Some(timer) = str_of("timer") {
+                        out.push((id.clone(), Routed::Input(Input::Timer { id: timer })));
+                    }
+                }
+                t @ ("completed" | "failed" | "cancelled") if event.source == SOURCE => {
+                    if let Some(parent) = data
+                        .get("parent")
+                        .and_then(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
+                    {
+                        out.push((
+                            parent.instance,
+                            Routed::Input(Input::Child {
+                                child: id.clone(),
+                                ok: t == "completed",
+                                output: data.get("output").cloned().unwrap_or_default(),
+                                error: str_of("error").or_else(|| Some(format!("sub-workflow {t}"))),
+                            }),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for w in self.shared.registry.latest() {
+            if w.spec.on.iter().any(|p| {
+                grizzly_shared::subject::pattern_matches(&p.value, msg.subject)
+            }) {
+                out.push((
+                    instance_id_for_trigger(w.name(), &event.id),
+                    Routed::Start {
+                        workflow: w.name().to_string(),
+                        version: Some(w.version()),
+                        input: None,
+                        parent: None,
+                    },
+                ));
+            }
+        }
+        let event_json = serde_json::to_value(event).unwrap_or_default();
+        for (id, cached) in &self.instances {
+            for (step, wait) in cached.state.waits() {
+                if wait.matches(msg.subject, event) {
+                    let mut ev = event_json.clone();
+                    ev["subject"] = json!(msg.subject);
+                    out.push((
+                        id.clone(),
+                        Routed::Input(Input::Event {
+                            step: step.to_string(),
+                            event: ev,
+                        }),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies one routed event to one instance: checkpoint (with the outbox), then publish.
+    async fn process(&mut self, instance: &str, routed: Routed, event: &EventEnvelope, seq: u64) {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if attempt > 1 {
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(40)))).await;
+            }
+            let current = match self.current(instance).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%instance, error = %e, "cannot read checkpoint; retrying");
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            let (next, revision) = match (current, &routed) {
+                (Some(c), _) if seq <= c.state.last_seq => {
+                    if seq == c.state.last_seq {
+                        self.publish(&c.state.outbox).await;
+                    }
+                    self.instances.insert(instance.to_string(), c);
+                    return;
+                }
+                (Some(c), Routed::Start { .. }) => {
+                    // Started already (a replayed trigger beyond the dedup window).
+                    self.instances.insert(instance.to_string(), c);
+                    return;
+                }
+                (None, Routed::Input(_)) => return,
+                (None, Routed::Start { workflow, version, input, parent }) => {
+                    let def = match shared.registry.for_start(workflow, *version).await {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(%instance, error = %e, "start refused");
+                            let subject =
+                                EventSubject::new(AGGREGATE, instance, "start_rejected").expect("valid");
+                            let mut rejected = event.caused(&subject, SOURCE, json!({"workflow": workflow, "error": e}), &[]);
+                            rejected.id = grizzly_shared::ids::derived_id(&["workflow", instance, "start_rejected", &event.id]);
+                            self.publish(&[Effect::Event { event: rejected }]).await;
+                            return;
+                        }
+                    };
+                    let ctx = Ctx {
+                        def: &def.spec,
+                        catalog: &shared.registry.catalog,
+                        now_ms: now_ms(),
+                        cause: event,
+                    };
+                    let (mut st, fx) = InstanceState::start(&ctx, instance, input.clone(), parent.clone());
+                    st.last_seq = seq;
+                    st.outbox = fx;
+                    (st, None)
+                }
+                (Some(c), Routed::Input(input)) => {
+                    let def = match shared.registry.get(&c.state.workflow, c.state.version).await {
+                        Ok(d) => d,
+                        Err(e) => {
+                            error!(%instance, error = %e, "no definition for instance; event skipped");
+                            return;
+                        }
+                    };
+                    let ctx = Ctx {
+                        def: &def.spec,
+                        catalog: &shared.registry.catalog,
+                        now_ms: now_ms(),
+                        cause: event,
+                    };
+                    let mut st = c.state.clone();
+                    let fx = st.apply(&ctx, input.clone());
+                    if fx.is_empty() && st == c.state {
+                        self.instances.insert(instance.to_string(), c);
+                        return;
+                    }
+                    st.last_seq = seq;
+                    st.outbox = fx;
+                    (st, Some(c.revision))
+                }
+            };
+            let bytes: bytes::Bytes = serde_json::to_vec(&next).expect("state serializes").into();
+            let written = match revision {
+                None => shared.checkpoints.create(instance, bytes).await.map_err(|e| e.to_string()),
+                Some(r) => shared.checkpoints.update(instance, bytes, r).await.map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(revision) => {
+                    self.publish(&next.outbox).await;
+                    let done = next.status.is_terminal();
+                    self.fired
+                        .retain(|(i, t)| i != instance || next.timers.contains_key(t));
+                    if done {
+                        self.instances.remove(instance);
+                    } else {
+                        self.instances.insert(
+                            instance.to_string(),
+                            Cached {
+                                state: next,
+                                revision,
+                            },
+                        );
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // Someone else wrote (a previous owner still finishing): read and redo.
+                    warn!(%instance, error = %e, "checkpoint conflict; re-reading");
+                    self.instances.remove(instance);
+                }
+            }
+        }
+    }
+
+    /// The instance's checkpoint: cached, or read from KV.
+    async fn current(&mut self, instance: &str) -> anyhow::Result<Option<Cached>> {
+        if let Some(c) = self.instances.remove(instance) {
+            return Ok(Some(c));
+        }
+        Ok(match self.shared.checkpoints.entry(instance).await? {
+            Some(entry) if entry.operation == kv::Operation::Put => Some(Cached {
+                state: serde_json::from_slice(&entry.value)?,
+                revision: entry.revision,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Publishes effects in order, each confirmed; a task after its step event (it carries
+    /// the event's sequence).
+    async fn publish(&self, effects: &[Effect]) {
+        let js = &self.shared.nats.js;
+        for effect in effects {
+            let event = effect.event();
+            let subject = event.subject().expect("valid").to_string();
+            let publish = PublishMessage::build()
+                .payload(event.to_json_bytes())
+                .headers(event.headers());
+            let ack = publish_confirmed(js, &subject, publish, None).await;
+            if let Effect::Task {
+                event,
+                handler,
+                version,
+                priority,
+                lane,
+                timeout_ms,
+                max_attempts,
+            } = effect
+            {
+                let partitions = self.shared.settings.partitions;
+                let mut task = Task::new(handler, *version, ack.sequence, partitions, *priority, event.clone())
+                    .with_ordering_key(lane.clone(), partitions);
+                task.timeout_ms = *timeout_ms;
+                task.max_attempts = *max_attempts;
+                let publish = PublishMessage::build()
+                    .payload(task.to_json_bytes())
+                    .message_id(task.msg_id());
+                publish_confirmed(js, &task.subject(), publish, None).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_subjects_drop_covered_patterns_and_fall_back_on_overlap() {
+        let f = filter_subjects(&["events.workflow.*.x".into(), "events.pr.*.opened".into()]);
+        assert_eq!(f, vec!["events.pr.*.opened", "events.workflow.>"]);
+        let f = filter_subjects(&["events.a.*.x".into(), "events.a.b.*".into()]);
+        assert_eq!(f, vec!["events.>"]);
+        let f = filter_subjects(&["events.>".into()]);
+        assert_eq!(f, vec!["events.>"]);
+        assert!(covers("events.*.*.x", "events.a.b.x"));
+        assert!(!covers("events.a.b.x", "events.*.b.x"));
+    }
+}
