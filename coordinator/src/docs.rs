@@ -8,12 +8,21 @@ use crate::dsl::{Next, Step, StepKind, Target, WorkflowSpec};
 /// Renders one workflow.
 pub fn markdown(spec: &WorkflowSpec) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# Workflow `{}` (version {})\n", spec.name(), spec.version);
+    let _ = writeln!(
+        out,
+        "# Workflow `{}` (version {})\n",
+        spec.name(),
+        spec.version
+    );
     if let Some(d) = &spec.description {
         let _ = writeln!(out, "{d}\n");
     }
     if spec.on.is_empty() {
-        let _ = writeln!(out, "Started with `grizzly workflow start {}`.\n", spec.name());
+        let _ = writeln!(
+            out,
+            "Started with `grizzly workflow start {}`.\n",
+            spec.name()
+        );
     } else {
         let on: Vec<String> = spec.on.iter().map(|p| format!("`{}`", p.value)).collect();
         let _ = writeln!(
@@ -24,7 +33,10 @@ pub fn markdown(spec: &WorkflowSpec) -> String {
         );
     }
     let _ = writeln!(out, "```mermaid\n{}```\n", mermaid(spec));
-    let _ = writeln!(out, "## Steps\n\n| step | kind | does | then |\n|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "## Steps\n\n| step | kind | does | then |\n|---|---|---|---|"
+    );
     for s in spec.all_steps() {
         let _ = writeln!(
             out,
@@ -57,7 +69,9 @@ fn describe(s: &Step) -> String {
     match s.kind() {
         StepKind::Call => match s.target() {
             Some(Target::Handler(h)) => parts.push(format!("calls handler `{h}`")),
-            Some(Target::Capability(c)) => parts.push(format!("calls a handler with capability `{c}`")),
+            Some(Target::Capability(c)) => {
+                parts.push(format!("calls a handler with capability `{c}`"))
+            }
             None => {}
         },
         StepKind::Run => parts.push(format!(
@@ -66,7 +80,11 @@ fn describe(s: &Step) -> String {
         )),
         StepKind::Fork => {
             let f = s.fork.as_ref().expect("fork");
-            let b: Vec<String> = f.branches.iter().map(|b| format!("`{}`", b.id.value)).collect();
+            let b: Vec<String> = f
+                .branches
+                .iter()
+                .map(|b| format!("`{}`", b.id.value))
+                .collect();
             parts.push(format!("branches {} (join {})", b.join(", "), f.join));
         }
         StepKind::Switch => {
@@ -100,7 +118,10 @@ fn describe(s: &Step) -> String {
         )),
         StepKind::Emit => parts.push(format!(
             "emits `{}`",
-            s.emit.as_ref().map(|e| e.event.value.as_str()).unwrap_or("")
+            s.emit
+                .as_ref()
+                .map(|e| e.event.value.as_str())
+                .unwrap_or("")
         )),
     }
     if let Some(c) = &s.compensate
@@ -150,12 +171,25 @@ fn sequence(steps: &[Step], exit: &str, out: &mut String) -> String {
             let join = format!("{}_join", s.id());
             let _ = writeln!(out, "  {join}{{{{join {}}}}}", f.join);
             for b in &f.branches {
-                let _ = writeln!(out, "  subgraph {}_{} [\"branch {}\"]", s.id(), b.id.value, b.id.value);
+                let _ = writeln!(
+                    out,
+                    "  subgraph {}_{} [\"branch {}\"]",
+                    s.id(),
+                    b.id.value,
+                    b.id.value
+                );
                 let entry = sequence(&b.steps, &join, out);
                 let _ = writeln!(out, "  end");
                 let _ = writeln!(out, "  {} --> {entry}", s.id());
             }
-            let _ = writeln!(out, "  {join} --> {}", s.then.as_ref().map(|t| target(&t.value)).unwrap_or(fall.clone()));
+            let _ = writeln!(
+                out,
+                "  {join} --> {}",
+                s.then
+                    .as_ref()
+                    .map(|t| target(&t.value))
+                    .unwrap_or(fall.clone())
+            );
             continue;
         }
         if let Some(cases) = &s.switch {
@@ -168,7 +202,12 @@ fn sequence(steps: &[Step], exit: &str, out: &mut String) -> String {
                         "otherwise".into()
                     }
                 };
-                let _ = writeln!(out, "  {} -->|\"{label}\"| {}", s.id(), target(&c.then.value));
+                let _ = writeln!(
+                    out,
+                    "  {} -->|\"{label}\"| {}",
+                    s.id(),
+                    target(&c.then.value)
+                );
             }
             if !has_default {
                 let _ = writeln!(out, "  {} -->|otherwise| {fall}", s.id());
@@ -183,7 +222,13 @@ fn sequence(steps: &[Step], exit: &str, out: &mut String) -> String {
             let _ = writeln!(out, "  {} -.->|skipped| {fall}", s.id());
         }
         if s.compensate.is_some() {
-            let _ = writeln!(out, "  {} -.-|on failure: compensate| {}_undo[\"undo {}\"]", s.id(), s.id(), s.id());
+            let _ = writeln!(
+                out,
+                "  {} -.-|on failure: compensate| {}_undo[\"undo {}\"]",
+                s.id(),
+                s.id(),
+                s.id()
+            );
         }
         let next = s.then.as_ref().map(|t| target(&t.value)).unwrap_or(fall);
         let _ = writeln!(out, "  {} --> {next}", s.id());

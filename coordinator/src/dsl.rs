@@ -97,7 +97,11 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitSpec>,
     /// Wait for a duration (a durable timer).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(with = "Option<String>")]
     pub sleep: Option<Duration>,
     /// Fail the instance with this message (a template).
@@ -118,7 +122,11 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
     /// Per-attempt time limit of the call (default: the handler's `timeout`).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
     /// Attempts of the call (default: the handler's `retry`).
@@ -230,7 +238,11 @@ pub struct WaitSpec {
     /// Which event belongs to this instance (default: the first matching one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlate: Option<Correlate>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
     /// On timeout: `fail` the step (default) or `continue` with a null output.
@@ -610,7 +622,9 @@ pub fn parse_workflow(path: &Path, text: &str) -> Result<WorkflowSpec, Vec<Workf
         vec![WorkflowFileError {
             path: path.to_path_buf(),
             line: loc.map(|l| l.line()).filter(|l| *l > 0),
-            column: loc.map(|l| l.column()).filter(|_| loc.is_some_and(|l| l.line() > 0)),
+            column: loc
+                .map(|l| l.column())
+                .filter(|_| loc.is_some_and(|l| l.line() > 0)),
             message: yaml_message(&e.to_string()),
         }]
     })
@@ -777,10 +791,7 @@ impl Checker<'_> {
         let (line, column) = self.find(needle, from.referenced.line());
         let (line, column) = match line {
             Some(_) => (line, column),
-            None => (
-                Some(from.referenced.line()),
-                Some(from.referenced.column()),
-            ),
+            None => (Some(from.referenced.line()), Some(from.referenced.column())),
         };
         self.problems.push(Problem {
             line,
@@ -842,11 +853,8 @@ impl Checker<'_> {
 
     /// Checks one sequence: its steps, their jumps, and which steps can be reached.
     fn sequence(&mut self, steps: &[Step], vars: &[&str], ids: &mut HashMap<String, Located>) {
-        let index: HashMap<&str, usize> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id(), i))
-            .collect();
+        let index: HashMap<&str, usize> =
+            steps.iter().enumerate().map(|(i, s)| (s.id(), i)).collect();
         let mut reachable = vec![false; steps.len()];
         if !steps.is_empty() {
             reachable[0] = true;
@@ -968,7 +976,10 @@ impl Checker<'_> {
             self.expr(&f.list, "for.in", vars);
             for name in [&f.each, &f.at] {
                 if !is_identifier(name) {
-                    self.at(&step.id, format!("for: `{name}` is not a valid variable name"));
+                    self.at(
+                        &step.id,
+                        format!("for: `{name}` is not a valid variable name"),
+                    );
                 }
             }
             if f.concurrency == Some(0) {
@@ -1057,9 +1068,15 @@ impl Checker<'_> {
             let mut branch_ids: HashMap<String, Located> = HashMap::new();
             for b in &fork.branches {
                 if !is_valid_token(&b.id.value) {
-                    self.at(&b.id, format!("branch id `{}` must match [A-Za-z0-9_-]+", b.id.value));
+                    self.at(
+                        &b.id,
+                        format!("branch id `{}` must match [A-Za-z0-9_-]+", b.id.value),
+                    );
                 }
-                if branch_ids.insert(b.id.value.clone(), b.id.clone()).is_some() {
+                if branch_ids
+                    .insert(b.id.value.clone(), b.id.clone())
+                    .is_some()
+                {
                     self.at(&b.id, format!("duplicate branch id `{}`", b.id.value));
                 }
                 if b.steps.is_empty() {
@@ -1115,7 +1132,12 @@ impl Checker<'_> {
         }
         if let Some(e) = &step.emit {
             let subject = e.event.value.clone();
-            self.template(&Value::String(subject.clone()), "emit.event", &e.event, vars);
+            self.template(
+                &Value::String(subject.clone()),
+                "emit.event",
+                &e.event,
+                vars,
+            );
             if !subject.contains("${")
                 && let Err(err) = grizzly_shared::EventSubject::parse(&subject)
             {
@@ -1221,30 +1243,56 @@ mod tests {
         assert!(e[0].starts_with("wf.yaml:"), "{e:?}");
         // Unknown key, with its line.
         let e = errors("name: w\ndo:\n  - id: a\n    call: build\n    retries: 3\n");
-        assert!(e[0].starts_with("wf.yaml:5:") && e[0].contains("retries"), "{e:?}");
+        assert!(
+            e[0].starts_with("wf.yaml:5:") && e[0].contains("retries"),
+            "{e:?}"
+        );
         // Unknown handler: file, line and column of the name.
         let e = errors("name: w\ndo:\n  - id: a\n    call: biuld\n");
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("wf.yaml:4:11: call: unknown handler `biuld`"), "{e:?}");
+        assert!(
+            e[0].starts_with("wf.yaml:4:11: call: unknown handler `biuld`"),
+            "{e:?}"
+        );
         // Unknown capability.
         let e = errors("name: w\ndo:\n  - id: a\n    capability: sing\n");
         assert!(e[0].contains("capability `sing`"), "{e:?}");
         // Bad expressions: syntax, unknown variable, inside a template.
         let e = errors("name: w\ndo:\n  - id: a\n    if: \"input.n >\"\n    call: build\n");
-        assert!(e[0].starts_with("wf.yaml:4:") && e[0].contains("if: bad expression"), "{e:?}");
-        let e = errors("name: w\ndo:\n  - id: a\n    call: build\n    with:\n      x: \"${ inptu.n }\"\n");
-        assert!(e[0].starts_with("wf.yaml:6:") && e[0].contains("`inptu`"), "{e:?}");
+        assert!(
+            e[0].starts_with("wf.yaml:4:") && e[0].contains("if: bad expression"),
+            "{e:?}"
+        );
+        let e = errors(
+            "name: w\ndo:\n  - id: a\n    call: build\n    with:\n      x: \"${ inptu.n }\"\n",
+        );
+        assert!(
+            e[0].starts_with("wf.yaml:6:") && e[0].contains("`inptu`"),
+            "{e:?}"
+        );
         // Duplicate and unreachable steps, jumps.
         let e = errors("name: w\ndo:\n  - id: a\n    call: build\n  - id: a\n    call: build\n");
-        assert!(e[0].starts_with("wf.yaml:5:") && e[0].contains("duplicate step id `a`"), "{e:?}");
-        let e = errors("name: w\ndo:\n  - id: a\n    call: build\n    then: end\n  - id: b\n    call: build\n");
-        assert!(e[0].starts_with("wf.yaml:6:") && e[0].contains("`b` is unreachable"), "{e:?}");
-        let e = errors("name: w\ndo:\n  - id: a\n    call: build\n  - id: b\n    call: build\n    then: a\n");
+        assert!(
+            e[0].starts_with("wf.yaml:5:") && e[0].contains("duplicate step id `a`"),
+            "{e:?}"
+        );
+        let e = errors(
+            "name: w\ndo:\n  - id: a\n    call: build\n    then: end\n  - id: b\n    call: build\n",
+        );
+        assert!(
+            e[0].starts_with("wf.yaml:6:") && e[0].contains("`b` is unreachable"),
+            "{e:?}"
+        );
+        let e = errors(
+            "name: w\ndo:\n  - id: a\n    call: build\n  - id: b\n    call: build\n    then: a\n",
+        );
         assert!(e[0].contains("forward only"), "{e:?}");
         let e = errors("name: w\ndo:\n  - id: a\n    call: build\n    then: nowhere\n");
         assert!(e[0].contains("no step `nowhere`"), "{e:?}");
         // A step with two kinds, and one with none.
-        let e = errors("name: w\ndo:\n  - id: a\n    call: build\n    sleep: 1s\n  - id: b\n    if: 'true'\n");
+        let e = errors(
+            "name: w\ndo:\n  - id: a\n    call: build\n    sleep: 1s\n  - id: b\n    if: 'true'\n",
+        );
         assert!(e.iter().any(|m| m.contains("several kinds")), "{e:?}");
         assert!(e.iter().any(|m| m.contains("does nothing")), "{e:?}");
         // Every problem is reported, not just the first.
@@ -1256,7 +1304,15 @@ mod tests {
     fn the_schema_describes_the_dsl() {
         let schema = json_schema();
         let text = schema.to_string();
-        for key in ["fork", "switch", "wait", "compensate", "for", "then", "correlate"] {
+        for key in [
+            "fork",
+            "switch",
+            "wait",
+            "compensate",
+            "for",
+            "then",
+            "correlate",
+        ] {
             assert!(text.contains(&format!("\"{key}\"")), "{key} missing");
         }
     }

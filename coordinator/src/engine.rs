@@ -189,7 +189,12 @@ impl PartitionEngine {
                 && !state.status.is_terminal()
             {
                 // Known definitions keep the consumer's filter complete.
-                if let Err(e) = self.shared.registry.get(&state.workflow, state.version).await {
+                if let Err(e) = self
+                    .shared
+                    .registry
+                    .get(&state.workflow, state.version)
+                    .await
+                {
                     error!(instance = %key, error = %e, "definition of a running instance is missing");
                 }
                 self.instances.insert(
@@ -219,11 +224,19 @@ impl PartitionEngine {
             _ => DeliverPolicy::All,
         };
         let filter_subjects = filter_subjects(&self.shared.registry.subscriptions());
-        debug!(partition = self.partition, ?filter_subjects, ?deliver_policy, "partition consumer");
+        debug!(
+            partition = self.partition,
+            ?filter_subjects,
+            ?deliver_policy,
+            "partition consumer"
+        );
         Ok(stream
             .create_consumer(pull::Config {
                 durable_name: Some(name),
-                description: Some(format!("workflow instances of partition {}", self.partition)),
+                description: Some(format!(
+                    "workflow instances of partition {}",
+                    self.partition
+                )),
                 filter_subjects,
                 deliver_policy,
                 ack_policy: AckPolicy::Explicit,
@@ -253,7 +266,11 @@ impl PartitionEngine {
                 }
             }
         };
-        info!(partition = p, instances = self.instances.len(), "workflow partition acquired");
+        info!(
+            partition = p,
+            instances = self.instances.len(),
+            "workflow partition acquired"
+        );
         let mut recreate = false;
         'pull: while !stop.is_cancelled() {
             if std::mem::take(&mut recreate) {
@@ -411,10 +428,9 @@ impl PartitionEngine {
                     }
                 }
                 t @ ("suspend_requested" | "resume_requested" | "cancel_requested") => {
-                    let transition = crate::machine::Transition::parse_request(
-                        t.trim_end_matches("_requested"),
-                    )
-                    .expect("matched above");
+                    let transition =
+                        crate::machine::Transition::parse_request(t.trim_end_matches("_requested"))
+                            .expect("matched above");
                     out.push((
                         id.clone(),
                         Routed::Input(Input::Request {
@@ -456,7 +472,8 @@ impl PartitionEngine {
                                 child: id.clone(),
                                 ok: t == "completed",
                                 output: data.get("output").cloned().unwrap_or_default(),
-                                error: str_of("error").or_else(|| Some(format!("sub-workflow {t}"))),
+                                error: str_of("error")
+                                    .or_else(|| Some(format!("sub-workflow {t}"))),
                             }),
                         ));
                     }
@@ -465,9 +482,11 @@ impl PartitionEngine {
             }
         }
         for w in self.shared.registry.latest() {
-            if w.spec.on.iter().any(|p| {
-                grizzly_shared::subject::pattern_matches(&p.value, msg.subject)
-            }) {
+            if w.spec
+                .on
+                .iter()
+                .any(|p| grizzly_shared::subject::pattern_matches(&p.value, msg.subject))
+            {
                 out.push((
                     instance_id_for_trigger(w.name(), &event.id),
                     Routed::Start {
@@ -528,15 +547,33 @@ impl PartitionEngine {
                     return;
                 }
                 (None, Routed::Input(_)) => return,
-                (None, Routed::Start { workflow, version, input, parent }) => {
+                (
+                    None,
+                    Routed::Start {
+                        workflow,
+                        version,
+                        input,
+                        parent,
+                    },
+                ) => {
                     let def = match shared.registry.for_start(workflow, *version).await {
                         Ok(d) => d,
                         Err(e) => {
                             warn!(%instance, error = %e, "start refused");
-                            let subject =
-                                EventSubject::new(AGGREGATE, instance, "start_rejected").expect("valid");
-                            let mut rejected = event.caused(&subject, SOURCE, json!({"workflow": workflow, "error": e}), &[]);
-                            rejected.id = grizzly_shared::ids::derived_id(&["workflow", instance, "start_rejected", &event.id]);
+                            let subject = EventSubject::new(AGGREGATE, instance, "start_rejected")
+                                .expect("valid");
+                            let mut rejected = event.caused(
+                                &subject,
+                                SOURCE,
+                                json!({"workflow": workflow, "error": e}),
+                                &[],
+                            );
+                            rejected.id = grizzly_shared::ids::derived_id(&[
+                                "workflow",
+                                instance,
+                                "start_rejected",
+                                &event.id,
+                            ]);
                             self.publish(&[Effect::Event { event: rejected }]).await;
                             return;
                         }
@@ -547,13 +584,18 @@ impl PartitionEngine {
                         now_ms: now_ms(),
                         cause: event,
                     };
-                    let (mut st, fx) = InstanceState::start(&ctx, instance, input.clone(), parent.clone());
+                    let (mut st, fx) =
+                        InstanceState::start(&ctx, instance, input.clone(), parent.clone());
                     st.last_seq = seq;
                     st.outbox = fx;
                     (st, None)
                 }
                 (Some(c), Routed::Input(input)) => {
-                    let def = match shared.registry.get(&c.state.workflow, c.state.version).await {
+                    let def = match shared
+                        .registry
+                        .get(&c.state.workflow, c.state.version)
+                        .await
+                    {
                         Ok(d) => d,
                         Err(e) => {
                             error!(%instance, error = %e, "no definition for instance; event skipped");
@@ -579,8 +621,16 @@ impl PartitionEngine {
             };
             let bytes: bytes::Bytes = serde_json::to_vec(&next).expect("state serializes").into();
             let written = match revision {
-                None => shared.checkpoints.create(instance, bytes).await.map_err(|e| e.to_string()),
-                Some(r) => shared.checkpoints.update(instance, bytes, r).await.map_err(|e| e.to_string()),
+                None => shared
+                    .checkpoints
+                    .create(instance, bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Some(r) => shared
+                    .checkpoints
+                    .update(instance, bytes, r)
+                    .await
+                    .map_err(|e| e.to_string()),
             };
             match written {
                 Ok(revision) => {
@@ -646,8 +696,15 @@ impl PartitionEngine {
             } = effect
             {
                 let partitions = self.shared.settings.partitions;
-                let mut task = Task::new(handler, *version, ack.sequence, partitions, *priority, event.clone())
-                    .with_ordering_key(lane.clone(), partitions);
+                let mut task = Task::new(
+                    handler,
+                    *version,
+                    ack.sequence,
+                    partitions,
+                    *priority,
+                    event.clone(),
+                )
+                .with_ordering_key(lane.clone(), partitions);
                 task.timeout_ms = *timeout_ms;
                 task.max_attempts = *max_attempts;
                 let publish = PublishMessage::build()

@@ -160,7 +160,10 @@ fn free_variables<'e>(e: &'e cel::IdedExpr, bound: &mut Vec<&'e str>, out: &mut 
             }
             bound.truncate(n);
         }
-        Expr::List(l) => l.elements.iter().for_each(|x| free_variables(x, bound, out)),
+        Expr::List(l) => l
+            .elements
+            .iter()
+            .for_each(|x| free_variables(x, bound, out)),
         Expr::Map(m) => {
             for x in m.entries.iter().flat_map(|en| entry(&en.expr)) {
                 free_variables(x, bound, out);
@@ -278,7 +281,10 @@ mod tests {
 
     fn vars() -> Vars {
         let mut v = Vars::new();
-        v.insert("input".into(), json!({"n": 7, "name": "x", "files": ["a", "b"], "f": 1.5}));
+        v.insert(
+            "input".into(),
+            json!({"n": 7, "name": "x", "files": ["a", "b"], "f": 1.5}),
+        );
         v.insert(
             "steps".into(),
             json!({"lint": {"output": {"score": 9}, "status": "succeeded"}}),

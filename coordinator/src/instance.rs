@@ -666,7 +666,13 @@ impl<'c> Exec<'c, '_> {
     // ----- recording ---------------------------------------------------------------------
 
     /// Ends a whole step (not a `for` item) and records it as an event.
-    fn finish_step(&mut self, step: &str, status: StepStatus, output: Value, error: Option<String>) {
+    fn finish_step(
+        &mut self,
+        step: &str,
+        status: StepStatus,
+        output: Value,
+        error: Option<String>,
+    ) {
         let now = self.ctx.now_ms;
         let Some(rec) = self.st.steps.get_mut(step) else {
             return;
@@ -731,7 +737,11 @@ impl<'c> Exec<'c, '_> {
                     vars.insert("result".into(), result);
                     match expr::render(template, &vars) {
                         Ok(out) => (StepStatus::Succeeded, out, None),
-                        Err(e) => (StepStatus::Failed, Value::Null, Some(format!("output: {e}"))),
+                        Err(e) => (
+                            StepStatus::Failed,
+                            Value::Null,
+                            Some(format!("output: {e}")),
+                        ),
                     }
                 }
                 None => (StepStatus::Succeeded, result, None),
@@ -920,7 +930,12 @@ impl<'c> Exec<'c, '_> {
                     self.st
                         .steps
                         .insert(id.clone(), StepRecord::new(kind, StepStatus::Running, now));
-                    self.finish_step(&id, StepStatus::Failed, Value::Null, Some(format!("if: {e}")));
+                    self.finish_step(
+                        &id,
+                        StepStatus::Failed,
+                        Value::Null,
+                        Some(format!("if: {e}")),
+                    );
                     return false;
                 }
             }
@@ -972,11 +987,13 @@ impl<'c> Exec<'c, '_> {
                 let message = step
                     .raise
                     .as_ref()
-                    .map(|r| match expr::render(&Value::String(r.value.clone()), &vars) {
-                        Ok(Value::String(s)) => s,
-                        Ok(other) => other.to_string(),
-                        Err(e) => format!("{} (template error: {e})", r.value),
-                    })
+                    .map(
+                        |r| match expr::render(&Value::String(r.value.clone()), &vars) {
+                            Ok(Value::String(s)) => s,
+                            Ok(other) => other.to_string(),
+                            Err(e) => format!("{} (template error: {e})", r.value),
+                        },
+                    )
                     .unwrap_or_default();
                 self.st
                     .steps
@@ -1008,9 +1025,12 @@ impl<'c> Exec<'c, '_> {
                         self.fx.push(Effect::Event { event: e });
                         self.finish_step(&id, StepStatus::Succeeded, output, None);
                     }
-                    (Err(e), _) | (_, Err(e)) => {
-                        self.finish_step(&id, StepStatus::Failed, Value::Null, Some(format!("emit: {e}")))
-                    }
+                    (Err(e), _) | (_, Err(e)) => self.finish_step(
+                        &id,
+                        StepStatus::Failed,
+                        Value::Null,
+                        Some(format!("emit: {e}")),
+                    ),
                 }
                 false
             }
@@ -1031,7 +1051,12 @@ impl<'c> Exec<'c, '_> {
                     }),
                     Err(e) => {
                         self.st.steps.insert(id.clone(), rec);
-                        self.finish_step(&id, StepStatus::Failed, Value::Null, Some(format!("correlate: {e}")));
+                        self.finish_step(
+                            &id,
+                            StepStatus::Failed,
+                            Value::Null,
+                            Some(format!("correlate: {e}")),
+                        );
                         return false;
                     }
                 };
@@ -1039,7 +1064,12 @@ impl<'c> Exec<'c, '_> {
                     Ok(e) => e,
                     Err(e) => {
                         self.st.steps.insert(id.clone(), rec);
-                        self.finish_step(&id, StepStatus::Failed, Value::Null, Some(format!("correlate: {e}")));
+                        self.finish_step(
+                            &id,
+                            StepStatus::Failed,
+                            Value::Null,
+                            Some(format!("correlate: {e}")),
+                        );
                         return false;
                     }
                 };
@@ -1306,7 +1336,15 @@ impl<'c> Exec<'c, '_> {
             }
         }
         let total = fork.branches.len();
-        self.resolve_join(step, &id, fork.join, total, done.len(), &failed, Value::Object(done))
+        self.resolve_join(
+            step,
+            &id,
+            fork.join,
+            total,
+            done.len(),
+            &failed,
+            Value::Object(done),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1468,12 +1506,8 @@ impl<'c> Exec<'c, '_> {
         };
         let target = comp.target().expect("validated");
         let lane = format!("{}/{key}", self.st.id);
-        let resolved = input.and_then(|input| {
-            self.ctx
-                .catalog
-                .resolve(&target, &lane)
-                .map(|h| (input, h))
-        });
+        let resolved =
+            input.and_then(|input| self.ctx.catalog.resolve(&target, &lane).map(|h| (input, h)));
         match resolved {
             Ok((input, (handler, version, priority))) => {
                 let mut meta = self.meta(&key, "compensate");

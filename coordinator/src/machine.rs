@@ -170,7 +170,9 @@ pub const TABLE: &[(Status, Transition, Status)] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("illegal transition: cannot {transition} an instance that is {from} ({transition} is allowed from: {allowed})")]
+#[error(
+    "illegal transition: cannot {transition} an instance that is {from} ({transition} is allowed from: {allowed})"
+)]
 pub struct IllegalTransition {
     pub from: Status,
     pub transition: Transition,
@@ -205,10 +207,7 @@ pub fn next(from: Status, transition: Transition) -> Result<Status, IllegalTrans
 pub fn table_markdown() -> String {
     let mut out = String::from("| from | transition | to | event |\n|---|---|---|---|\n");
     for (from, t, to) in TABLE {
-        out.push_str(&format!(
-            "| {from} | {t} | {to} | `{}` |\n",
-            t.event_type()
-        ));
+        out.push_str(&format!("| {from} | {t} | {to} | `{}` |\n", t.event_type()));
     }
     out
 }

@@ -327,8 +327,16 @@ async fn apply_to_view(view: &kv::Store, event: &EventEnvelope, seq: u64) -> any
         current.apply(event, seq);
         let bytes: bytes::Bytes = serde_json::to_vec(&current)?.into();
         let written = match revision {
-            Some(r) => view.update(key, bytes, r).await.map(|_| ()).map_err(|e| e.to_string()),
-            None => view.create(key, bytes).await.map(|_| ()).map_err(|e| e.to_string()),
+            Some(r) => view
+                .update(key, bytes, r)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => view
+                .create(key, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
         };
         match written {
             Ok(()) => return Ok(()),

@@ -323,8 +323,8 @@ pub fn run_case(world: &World, workflow: &str, case: &TestCase) -> Result<Run, S
             continue;
         }
         if let Some(scripted) = events.pop_front() {
-            let subject = EventSubject::parse(&scripted.event)
-                .map_err(|e| format!("scripted event: {e}"))?;
+            let subject =
+                EventSubject::parse(&scripted.event).map_err(|e| format!("scripted event: {e}"))?;
             let event = EventEnvelope::new(&subject, "grizzly/test", scripted.data.clone());
             let mut json = serde_json::to_value(&event).unwrap_or_default();
             json["subject"] = json!(scripted.event);
@@ -346,7 +346,11 @@ pub fn run_case(world: &World, workflow: &str, case: &TestCase) -> Result<Run, S
         }
         let next_timer = instances
             .iter()
-            .flat_map(|(id, st)| st.timers.iter().map(move |(t, due)| (*due, id.clone(), t.clone())))
+            .flat_map(|(id, st)| {
+                st.timers
+                    .iter()
+                    .map(move |(t, due)| (*due, id.clone(), t.clone()))
+            })
             .min();
         match next_timer {
             Some((due, id, timer)) => {
