@@ -63,10 +63,20 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(nats: Nats, settings: Settings) -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-        let id = format!("{host}-{}-{}", std::process::id(), grizzly_shared::ids::new_event_id())
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-            .collect();
+        let id = format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            grizzly_shared::ids::new_event_id()
+        )
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
         Self { nats, settings, id }
     }
 
@@ -80,16 +90,36 @@ impl Coordinator {
         let js = &self.nats.js;
         let replicas = self.settings.streams.replicas;
         nats::ensure_streams(js, &self.settings.streams).await?;
-        let handlers = load_handlers(&self.settings.handlers_dir).with_context(|| {
-            format!("loading handlers from {}", self.settings.handlers_dir.display())
-        })?;
-        let workflows = dsl::load_dir(&self.settings.workflows_dir, &handlers).with_context(|| {
+        let files = load_handlers(&self.settings.handlers_dir).with_context(|| {
             format!(
-                "loading workflows from {}",
-                self.settings.workflows_dir.display()
+                "loading handlers from {}",
+                self.settings.handlers_dir.display()
             )
         })?;
-        let leases = nats::ensure_lease_bucket(js, self.settings.worker.lease_ttl, replicas).await?;
+        // Steps call the version the handler registry routes new events to (read at start;
+        // files are registered first, as every component does).
+        let handler_registry =
+            grizzly_shared::registry::HandlerRegistry::open(js, self.settings.streams.replicas)
+                .await?;
+        handler_registry
+            .register_all(&files)
+            .await
+            .context("registering handler files")?;
+        let snapshot = handler_registry.snapshot().await?;
+        let handlers: Vec<_> = snapshot
+            .routed()
+            .into_iter()
+            .filter_map(|r| r.handler(&self.settings.handlers_dir).ok())
+            .collect();
+        let workflows =
+            dsl::load_dir(&self.settings.workflows_dir, &handlers).with_context(|| {
+                format!(
+                    "loading workflows from {}",
+                    self.settings.workflows_dir.display()
+                )
+            })?;
+        let leases =
+            nats::ensure_lease_bucket(js, self.settings.worker.lease_ttl, replicas).await?;
         let pinned = registry::ensure_bucket(js, replicas).await?;
         let checkpoints = engine::ensure_instances_bucket(js, replicas).await?;
         projection::ensure_bucket(js, replicas).await?;
@@ -148,7 +178,10 @@ impl Coordinator {
         owned: &mut HashMap<String, Owned>,
     ) -> anyhow::Result<()> {
         leases
-            .put(format!("wf.coordinator.{}", self.id), self.id.clone().into())
+            .put(
+                format!("wf.coordinator.{}", self.id),
+                self.id.clone().into(),
+            )
             .await?;
         let mut lost = Vec::new();
         for (key, o) in owned.iter_mut() {

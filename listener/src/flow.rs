@@ -46,6 +46,15 @@ fn now_ms() -> f64 {
 }
 
 impl FlowControl {
+    /// The same flow state (KV bucket, throttle schedules) for a new set of handlers.
+    pub fn rebuilt(&self, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
+        let mut next = Self::new(handlers)?;
+        next.bucket = self.bucket.clone();
+        *next.schedule.get_mut().expect("schedule lock") =
+            self.schedule.lock().expect("schedule lock").clone();
+        Ok(next)
+    }
+
     pub fn new(handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
         let mut templates = minijinja::Environment::new();
         let mut dedup_windows = HashMap::new();

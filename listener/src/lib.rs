@@ -31,6 +31,7 @@ use grizzly_shared::envelope::{EventEnvelope, IngestError, StoredMessage, now_rf
 use grizzly_shared::handler::LoadedHandler;
 use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{self, EVENTS_STREAM, LISTENER_CONSUMER, Nats};
+use grizzly_shared::registry::{self, HandlerRegistry, RegistrySnapshot};
 use grizzly_shared::subject::DLQ_INGEST;
 use grizzly_shared::{EventSubject, Settings, Task, trace};
 use tokio_util::sync::CancellationToken;
@@ -180,7 +181,10 @@ impl RouteTable {
 pub struct Listener {
     nats: Nats,
     settings: Settings,
-    routes: Arc<RouteTable>,
+    /// The handler files given at start; registered in the handler registry by `run`.
+    files: Vec<LoadedHandler>,
+    /// Built from the registry: one route per handler, to the version new events go to.
+    routes: RouteTable,
     flow: flow::FlowControl,
     health: Arc<std::sync::RwLock<health::HandlerHealth>>,
     round_robin: std::sync::atomic::AtomicUsize,
@@ -193,7 +197,8 @@ impl Listener {
             flow: flow::FlowControl::new(handlers)?,
             nats,
             settings,
-            routes: Arc::new(RouteTable::from_handlers(handlers)),
+            files: handlers.to_vec(),
+            routes: RouteTable::from_handlers(handlers),
             health: Default::default(),
             round_robin: Default::default(),
         })
@@ -244,12 +249,48 @@ impl Listener {
             .context("listener consumer on EVENTS")
     }
 
+    /// Routes to what the registry says now: the version new events go to, per handler. A
+    /// version that does not load (or whose templates do not compile) is left out, loudly.
+    fn apply_registry(&mut self, snapshot: &RegistrySnapshot) {
+        let handlers: Vec<LoadedHandler> = snapshot
+            .routed()
+            .into_iter()
+            .filter_map(|r| match r.handler(&self.settings.handlers_dir) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    warn!(handler = %r.name, version = r.version, error = %e, "registered handler does not load; not routed");
+                    None
+                }
+            })
+            .collect();
+        match self.flow.rebuilt(&handlers) {
+            Ok(flow) => {
+                self.flow = flow;
+                self.routes = RouteTable::from_handlers(&handlers);
+                info!(
+                    routes = self.routes.len(),
+                    "routing from the handler registry"
+                );
+            }
+            Err(e) => warn!(error = %e, "handler registry change not applied"),
+        }
+    }
+
     /// Routes events until `shutdown`; in-flight events are confirmed before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
         self.flow
             .connect(&self.nats.js, self.settings.streams.replicas)
             .await?;
+        let registry = HandlerRegistry::open(&self.nats.js, self.settings.streams.replicas).await?;
+        registry
+            .register_all(&self.files)
+            .await
+            .context("registering handler files")?;
+        let (registry_tx, mut registry_rx) =
+            tokio::sync::watch::channel(registry.snapshot().await?);
+        self.apply_registry(&registry_rx.borrow_and_update().clone());
+        tokio::spawn(registry::follow(registry, registry_tx, shutdown.clone()));
         let leases = nats::ensure_lease_bucket(
             &self.nats.js,
             self.settings.worker.lease_ttl,
@@ -344,6 +385,10 @@ impl Listener {
                     }
                     next = messages.next(), if outstanding < MAX_OUTSTANDING_PUBLISHES => match next {
                         Some(Ok(msg)) => {
+                            if registry_rx.has_changed().unwrap_or(false) {
+                                let now = registry_rx.borrow_and_update().clone();
+                                self.apply_registry(&now);
+                            }
                             let (count, confirm) = self.route(msg, &mut tails).await;
                             outstanding += count;
                             in_flight.push(confirm);

@@ -410,6 +410,8 @@ pub struct LoadedHandler {
     pub path: PathBuf,
     /// `claude`: the prompt template text.
     pub prompt_template: Option<String>,
+    /// The handler file's text, as registered in the handler registry.
+    pub source: String,
 }
 
 /// Parses and validates one handler file's text.
@@ -465,6 +467,7 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
             spec,
             path: path.to_path_buf(),
             prompt_template,
+            source: text.to_string(),
         })
     } else {
         Err(errors)

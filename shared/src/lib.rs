@@ -7,6 +7,7 @@
 //! - [`config`]: layered settings (defaults → file → `GRIZZLY_*` env → flags).
 //! - [`nats`]: connecting and the idempotent setup of streams, consumers and buckets.
 //! - [`nats_server`]: spawning a local `nats-server` child (dev mode and tests).
+//! - [`registry`]: the handler registry (versions and their state) in KV.
 //! - [`telemetry`]: logging/tracing set-up (OTLP export when configured, tokio-console).
 //! - [`trace`]: W3C trace context carried by events across processes.
 //! - [`metrics`]: the process-wide Prometheus registry and its fixed metric names.
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod metrics;
 pub mod nats;
 pub mod nats_server;
+pub mod registry;
 pub mod shutdown;
 pub mod subject;
 pub mod task;

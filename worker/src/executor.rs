@@ -75,6 +75,8 @@ pub struct ExecutionEnv {
     /// Worker-wide cap across handlers.
     pub worker_limit: Arc<Semaphore>,
     pub ack_wait: Duration,
+    /// Every handler version this worker runs: a task runs on the version it was routed to.
+    pub versions: Arc<crate::versions::VersionTable>,
 }
 
 /// Runs `task` (delivered as `msg`) to a durable outcome, then acks it. The partition runner
@@ -87,6 +89,33 @@ pub async fn execute(
     _slots: Slots,
 ) {
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    // The version it was routed to (an older one may be draining, a newer one just registered).
+    let resolved;
+    let ctx = if task.handler_version == ctx.handler.spec.version {
+        ctx
+    } else {
+        match env.versions.resolve(ctx.name(), task.handler_version).await {
+            Ok(c) => {
+                resolved = c;
+                &*resolved
+            }
+            Err(reason) => {
+                warn!(handler = %ctx.name(), event = %task.event.id, %reason, "task cannot run");
+                let error = InvokeError::Start(reason);
+                write_failure(ctx, env, &task, delivery, 1, 0, &error, false).await;
+                let history = vec![AttemptError {
+                    attempt: 1,
+                    error: error.to_string(),
+                    at: now_rfc3339(),
+                }];
+                write_dead_letter(ctx, env, &msg, &task, delivery, &error, history).await;
+                if let Err(e) = msg.ack().await {
+                    warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
+                }
+                return;
+            }
+        }
+    };
     // One span per task, a child per attempt; what an attempt writes carries its context.
     let handle = tracing::debug_span!("handle", otel.kind = "consumer", handler = %ctx.name(), event.id = %task.event.id, event.seq = task.event_seq);
     trace::follow(&handle, &task.event);

@@ -14,6 +14,7 @@ pub mod mcp;
 pub mod partition;
 pub mod pool;
 pub mod runtime;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,10 +32,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::breaker::Breaker;
-use crate::executor::{ExecutionEnv, HandlerContext};
+use crate::executor::ExecutionEnv;
 use crate::partition::{LeaseFence, PartitionRunner};
 use crate::runtime::Runtime;
+use crate::versions::{VersionTable, context_for};
+use grizzly_shared::registry::{self, HandlerRegistry};
 
 /// Builds the runtime for a handler's `kind`.
 pub fn runtime_for(
@@ -62,30 +64,24 @@ pub struct Worker {
     nats: Nats,
     settings: Settings,
     id: String,
-    handlers: Vec<Arc<HandlerContext>>,
+    /// The handler files given at start; registered in the handler registry by `run`.
+    files: Vec<LoadedHandler>,
+    versions: Arc<VersionTable>,
 }
 
 impl Worker {
     pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
         let id = sanitize(&settings.worker_id());
-        let handlers = handlers
+        let contexts = handlers
             .iter()
-            .map(|h| {
-                Ok(Arc::new(HandlerContext {
-                    runtime: runtime_for(h, &settings)
-                        .with_context(|| format!("handler {}", h.spec.name))?,
-                    breaker: Breaker::new(h.spec.breaker.clone()),
-                    limit: Arc::new(Semaphore::new(h.spec.concurrency)),
-                    recent_starts: Default::default(),
-                    handler: h.clone(),
-                }))
-            })
+            .map(|h| context_for(h, &settings))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
+            versions: Arc::new(VersionTable::new(settings.clone(), contexts)),
+            files: handlers.to_vec(),
             nats,
             settings,
             id,
-            handlers,
         })
     }
 
@@ -96,10 +92,11 @@ impl Worker {
     /// Runtime state per handler (pool sizes, breaker).
     pub fn state(&self) -> serde_json::Value {
         json!(
-            self.handlers
+            self.versions
+                .all()
                 .iter()
                 .map(|h| (
-                    h.name().to_string(),
+                    format!("{}@{}", h.name(), h.handler.spec.version),
                     json!({"breaker": h.breaker.state().name(), "runtime": h.runtime.state()})
                 ))
                 .collect::<serde_json::Map<_, _>>()
@@ -114,14 +111,33 @@ impl Worker {
             self.settings.streams.replicas,
         )
         .await?;
+        // Run every live version in the registry (ours registered first), and keep up with it.
+        let registry = HandlerRegistry::open(&self.nats.js, self.settings.streams.replicas).await?;
+        registry
+            .register_all(&self.files)
+            .await
+            .context("registering handler files")?;
+        self.versions.sync(&registry.snapshot().await?).await;
+        self.versions.set_registry(registry.clone());
+        let (registry_tx, mut registry_rx) = tokio::sync::watch::channel(Default::default());
+        tokio::spawn(registry::follow(registry, registry_tx, shutdown.clone()));
+        let versions = self.versions.clone();
+        tokio::spawn(async move {
+            while registry_rx.changed().await.is_ok() {
+                let now = registry_rx.borrow_and_update().clone();
+                versions.sync(&now).await;
+            }
+        });
         let env = ExecutionEnv {
             nats: self.nats.clone(),
             worker_id: self.id.clone(),
             worker_limit: Arc::new(Semaphore::new(self.settings.worker.max_concurrency)),
             ack_wait: self.settings.worker.ack_wait,
+            versions: self.versions.clone(),
         };
-        info!(worker = %self.id, handlers = self.handlers.len(), "worker started");
-        let _gauges = grizzly_shared::metrics::metrics().on_scrape(handler_gauges(&self.handlers));
+        info!(worker = %self.id, handlers = self.versions.newest().len(), "worker started");
+        let _gauges =
+            grizzly_shared::metrics::metrics().on_scrape(handler_gauges(self.versions.clone()));
         let mut owned: HashMap<(String, u16), Owned> = HashMap::new();
         let mut tick = tokio::time::interval(self.settings.worker.lease_ttl / 3);
         loop {
@@ -152,7 +168,7 @@ impl Worker {
             warn!("drain deadline passed; unfinished tasks will be redelivered");
         }
         let _ = leases.delete(format!("worker.{}", self.id)).await;
-        for h in &self.handlers {
+        for h in self.versions.all() {
             h.runtime.shutdown().await;
         }
         info!(worker = %self.id, "worker stopped");
@@ -166,11 +182,11 @@ impl Worker {
         env: &ExecutionEnv,
         owned: &mut HashMap<(String, u16), Owned>,
     ) -> anyhow::Result<()> {
-        let names: Vec<&str> = self.handlers.iter().map(|h| h.name()).collect();
+        let newest = self.versions.newest();
         leases
             .put(
                 format!("worker.{}", self.id),
-                serde_json::to_vec(&self.heartbeat(&names))?.into(),
+                serde_json::to_vec(&self.heartbeat())?.into(),
             )
             .await?;
         let live = self.live_workers(leases).await?;
@@ -213,7 +229,7 @@ impl Worker {
         }
 
         let partitions = self.settings.partitions;
-        for ctx in &self.handlers {
+        for ctx in &newest {
             let name = ctx.name();
             let workers = live.get(name).copied().unwrap_or(0).max(1);
             let fair = (usize::from(partitions)).div_ceil(workers);
@@ -283,18 +299,29 @@ impl Worker {
 
     /// What other components learn about this worker: the handlers (and versions) it serves and
     /// which of them have an open circuit breaker.
-    fn heartbeat(&self, names: &[&str]) -> serde_json::Value {
-        let open: Vec<&str> = self
-            .handlers
+    fn heartbeat(&self) -> serde_json::Value {
+        let all = self.versions.all();
+        let mut names: Vec<&str> = all.iter().map(|h| h.name()).collect();
+        names.dedup();
+        // A handler's breaker counts as open when every version's is.
+        let open: Vec<&str> = names
             .iter()
-            .filter(|h| h.breaker.state().name() == "open")
-            .map(|h| h.name())
+            .copied()
+            .filter(|n| {
+                all.iter()
+                    .filter(|h| h.name() == *n)
+                    .all(|h| h.breaker.state().name() == "open")
+            })
             .collect();
-        let versions: serde_json::Map<String, serde_json::Value> = self
-            .handlers
-            .iter()
-            .map(|h| (h.name().to_string(), json!(h.handler.spec.version)))
-            .collect();
+        let mut versions: serde_json::Map<String, serde_json::Value> = Default::default();
+        for h in &all {
+            let entry = versions
+                .entry(h.name().to_string())
+                .or_insert_with(|| json!([]));
+            if let Some(list) = entry.as_array_mut() {
+                list.push(json!(h.handler.spec.version));
+            }
+        }
         json!({"handlers": names, "versions": versions, "open_breakers": open})
     }
 
@@ -321,14 +348,14 @@ impl Worker {
 }
 
 /// Refreshes the per-handler gauges (breaker, pool) at scrape time.
-fn handler_gauges(handlers: &[Arc<HandlerContext>]) -> impl Fn() + Send + Sync + 'static {
-    let handlers = handlers.to_vec();
-    for h in &handlers {
+fn handler_gauges(versions: Arc<VersionTable>) -> impl Fn() + Send + Sync + 'static {
+    for h in versions.newest() {
         grizzly_shared::metrics::metrics().register_handler(h.name());
     }
     move || {
         let m = grizzly_shared::metrics::metrics();
-        for h in &handlers {
+        // Gauges are per handler: the newest version's runtime stands for it.
+        for h in &versions.newest() {
             m.set_breaker_open(h.name(), h.breaker.state().name() == "open");
             let pool = h.runtime.state();
             let n = |key: &str| pool[key].as_u64().unwrap_or(0);
