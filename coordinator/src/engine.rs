@@ -30,7 +30,7 @@ use grizzly_shared::task::partition_for;
 use grizzly_shared::{EventSubject, Settings, Task};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::instance::{
     AGGREGATE, Ctx, Effect, Input, InstanceState, ParentRef, SOURCE, instance_id_for_trigger,
@@ -397,7 +397,13 @@ impl PartitionEngine {
         };
         for (instance, routed) in self.route(&stored, &event) {
             if self.mine(&instance) {
-                self.process(&instance, routed, &event, seq).await;
+                // The step this event moves on joins the event's trace; what it writes
+                // (transition events, step tasks) continues from this span.
+                let span = tracing::debug_span!("workflow", otel.kind = "consumer", instance = %instance, event.id = %event.id, event.r#type = %event.event_type);
+                grizzly_shared::trace::follow(&span, &event);
+                self.process(&instance, routed, &event, seq)
+                    .instrument(span)
+                    .await;
             }
         }
     }
@@ -678,21 +684,24 @@ impl PartitionEngine {
     /// the event's sequence).
     async fn publish(&self, effects: &[Effect]) {
         let js = &self.shared.nats.js;
+        let span = tracing::Span::current();
         for effect in effects {
-            let event = effect.event();
+            let mut event = effect.event().clone();
+            grizzly_shared::trace::stamp(&mut event, &span);
+            let event = &event;
             let subject = event.subject().expect("valid").to_string();
             let publish = PublishMessage::build()
                 .payload(event.to_json_bytes())
                 .headers(event.headers());
             let ack = publish_confirmed(js, &subject, publish, None).await;
             if let Effect::Task {
-                event,
                 handler,
                 version,
                 priority,
                 lane,
                 timeout_ms,
                 max_attempts,
+                ..
             } = effect
             {
                 let partitions = self.shared.settings.partitions;

@@ -559,3 +559,97 @@ async fn a_claude_turn_and_what_its_agent_emits_through_mcp_join_the_publishers_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_workflow_instance_joins_the_trace_of_the_event_that_started_it() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let receiver = OtlpReceiver::start().await?;
+    env.write_handler(
+        "obs_step",
+        "name: obs_step\nkind: exec\ncommand: [\"sh\", \"-c\", \"cat > /dev/null\"]\n",
+    );
+    std::fs::write(
+        env.settings.workflows_dir.join("obs_flow.yaml"),
+        "name: obs_flow\non: [\"events.order.*.placed\"]\ndo:\n  - id: first\n    call: obs_step\n  - id: second\n    call: obs_step\n",
+    )?;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    let _worker = ChildProcess::start("grizzly-worker", &env.settings, &otel)?;
+    let _coordinator = ChildProcess::start("grizzly-coordinator", &env.settings, &otel)?;
+    let mut watch = env.watch().await?;
+    let emitted = tokio::process::Command::new(bin_path("grizzly"))
+        .args(["emit", "events.order.o1.placed", r#"{"total":3}"#])
+        .env("GRIZZLY_NATS_URL", &env.settings.nats_url)
+        .envs(otel.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await?;
+    assert!(
+        emitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&emitted.stderr)
+    );
+    watch.wait_for_type("completed", 1, DEADLINE).await?;
+    let placed = watch.wait_for_type("placed", 1, DEADLINE).await?[0]
+        .event
+        .clone()
+        .expect("parsed");
+    let (trace_id, emit_span) = ids(placed
+        .traceparent
+        .as_deref()
+        .expect("emit sets traceparent"));
+
+    // The coordinator's spans: the trigger, then each step's outcome; the worker's: one per step.
+    let spans = receiver
+        .wait_until("the workflow's spans", |spans| {
+            spans.iter().filter(|s| s.name == "workflow").count() >= 3
+                && spans.iter().filter(|s| s.name == "handle").count() >= 2
+        })
+        .await?;
+    let in_trace: Vec<&ExportedSpan> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let by = |name: &str| -> Vec<&ExportedSpan> {
+        in_trace
+            .iter()
+            .copied()
+            .filter(|s| s.name == name)
+            .collect()
+    };
+    let (workflow, handle, attempt) = (by("workflow"), by("handle"), by("attempt"));
+    assert_eq!(workflow.len(), 3, "{spans:#?}");
+    assert_eq!(handle.len(), 2, "{spans:#?}");
+    assert!(workflow.iter().all(|s| s.service == "grizzly-coordinator"));
+    // trigger → step 1 runs → its outcome moves the instance on → step 2 runs → its outcome
+    // completes the instance: each hop is a child of the one before.
+    let trigger = workflow
+        .iter()
+        .find(|s| s.parent_span_id == emit_span)
+        .expect("the trigger's span is a child of emit");
+    let first = handle
+        .iter()
+        .find(|s| s.parent_span_id == trigger.span_id)
+        .expect("step 1 runs under the trigger's span");
+    let first_attempt = attempt
+        .iter()
+        .find(|s| s.parent_span_id == first.span_id)
+        .expect("step 1's attempt");
+    let next = workflow
+        .iter()
+        .find(|s| s.parent_span_id == first_attempt.span_id)
+        .expect("step 1's outcome is handled under its attempt");
+    let second = handle
+        .iter()
+        .find(|s| s.parent_span_id == next.span_id)
+        .expect("step 2 runs under the coordinator span that scheduled it");
+    let second_attempt = attempt
+        .iter()
+        .find(|s| s.parent_span_id == second.span_id)
+        .expect("step 2's attempt");
+    assert!(
+        workflow
+            .iter()
+            .any(|s| s.parent_span_id == second_attempt.span_id),
+        "step 2's outcome is handled under its attempt: {workflow:#?}"
+    );
+    Ok(())
+}
