@@ -243,6 +243,51 @@ pub struct HandlerSpec {
     /// `claude`: spending cap per instance (`--max-budget-usd`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_budget_usd: Option<f64>,
+    /// Subject patterns this handler (or its agent, through MCP) may append events on. Empty:
+    /// any subject but the control ones (see [`HandlerSpec::may_emit`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emits: Vec<String>,
+}
+
+/// Event types only Grizzly writes: a handler emitting one would forge an outcome.
+pub const RESERVED_EVENT_TYPES: [&str; 3] =
+    ["handler_succeeded", "handler_failed", "duplicate_skipped"];
+
+/// Whether a handler whose file says `emits` may append an event on `subject`; `Err` says why
+/// not. Outcome types are never allowed. Without `emits`, the `system` aggregate and workflow
+/// control events (anything on `workflow` but `start_requested`) are refused too, so a
+/// prompt-injected agent cannot cancel, resume or forge workflow progress; `emits` opens
+/// exactly the subjects it lists.
+pub fn may_emit(emits: &[String], subject: &crate::EventSubject) -> Result<(), String> {
+    let full = subject.to_string();
+    if RESERVED_EVENT_TYPES.contains(&subject.event_type.as_str()) {
+        return Err(format!(
+            "`{}` events are written by Grizzly only ({full})",
+            subject.event_type
+        ));
+    }
+    if !emits.is_empty() {
+        return if emits
+            .iter()
+            .any(|p| crate::subject::pattern_matches(p, &full))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "{full} is not among the handler's `emits` patterns ({})",
+                emits.join(", ")
+            ))
+        };
+    }
+    match (subject.aggregate_type.as_str(), subject.event_type.as_str()) {
+        ("system", _) => Err(format!(
+            "{full}: the `system` aggregate is not open to handlers unless listed in `emits`"
+        )),
+        ("workflow", t) if t != "start_requested" => Err(format!(
+            "{full}: workflow control events are not open to handlers unless listed in `emits`"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn default_version() -> u32 {
@@ -284,6 +329,11 @@ impl HandlerSpec {
         for pattern in &self.on {
             if let Err(e) = validate_pattern(pattern) {
                 problems.push(format!("on: {e}"));
+            }
+        }
+        for pattern in &self.emits {
+            if let Err(e) = validate_pattern(pattern) {
+                problems.push(format!("emits: {e}"));
             }
         }
         if self.concurrency == 0 {
@@ -633,5 +683,45 @@ priority: high
             parse("name: c\non: [\"events.>\"]\nkind: claude\ntemplate: \"hi {{ event.data }}\"\n")
                 .unwrap();
         assert_eq!(ok.prompt_template.as_deref(), Some("hi {{ event.data }}"));
+    }
+}
+
+#[cfg(test)]
+mod emission_tests {
+    use super::*;
+    use crate::EventSubject;
+
+    fn subject(s: &str) -> EventSubject {
+        EventSubject::parse(s).unwrap()
+    }
+
+    #[test]
+    fn handlers_may_not_forge_outcomes_or_workflow_control_unless_allowed() {
+        let none: Vec<String> = Vec::new();
+        assert!(may_emit(&none, &subject("events.agent.a1.summary_ready")).is_ok());
+        assert!(may_emit(&none, &subject("events.workflow.w1.start_requested")).is_ok());
+        let e = may_emit(&none, &subject("events.workflow.w1.cancel_requested")).unwrap_err();
+        assert!(e.contains("workflow control events"), "{e}");
+        assert!(may_emit(&none, &subject("events.system.x.breaker_opened")).is_err());
+        let e = may_emit(&none, &subject("events.agent.a1.handler_succeeded")).unwrap_err();
+        assert!(e.contains("written by Grizzly only"), "{e}");
+        // `emits` opens exactly what it lists, and never outcomes.
+        let allow = vec!["events.workflow.*.cancel_requested".to_string()];
+        assert!(may_emit(&allow, &subject("events.workflow.w1.cancel_requested")).is_ok());
+        let e = may_emit(&allow, &subject("events.agent.a1.summary_ready")).unwrap_err();
+        assert!(e.contains("not among the handler's `emits`"), "{e}");
+        let allow = vec!["events.>".to_string()];
+        assert!(may_emit(&allow, &subject("events.agent.a1.handler_failed")).is_err());
+    }
+
+    #[test]
+    fn a_bad_emits_pattern_is_reported() {
+        let e = parse_handler(
+            Path::new("h.yaml"),
+            "name: h\nkind: process\ncommand: [x]\nemits: [\"events..x\"]\n",
+        )
+        .unwrap_err();
+        assert!(e[0].message.starts_with("emits:"), "{e:?}");
+        assert_eq!(e[0].line, Some(4));
     }
 }

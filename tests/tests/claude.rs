@@ -182,6 +182,20 @@ async fn an_agents_emit_event_call_appends_an_event_caused_by_the_handled_one() 
             r#"[[tool:emit_event {"type":"not a token","data":{}}]]"#,
         )
         .await?;
+    // An agent steered into cancelling a workflow, or forging an outcome: refused (the handler
+    // has no `emits` opening those subjects).
+    let control = s
+        .request(
+            "m3",
+            r#"[[tool:emit_event {"type":"cancel_requested","aggregate_type":"workflow","aggregate_id":"w1","data":{}}]]"#,
+        )
+        .await?;
+    let forged = s
+        .request(
+            "m4",
+            r#"[[tool:emit_event {"type":"handler_succeeded","data":{"handler":"x"}}]]"#,
+        )
+        .await?;
 
     let summary = s
         .watch
@@ -190,7 +204,7 @@ async fn an_agents_emit_event_call_appends_an_event_caused_by_the_handled_one() 
         .remove(0);
     let outcomes = by_event_id(
         &s.watch
-            .wait_for_type("handler_succeeded", 2, DEADLINE)
+            .wait_for_type("handler_succeeded", 4, DEADLINE)
             .await?,
     );
     assert_eq!(summary.subject, "events.agent.m1.summary_ready");
@@ -217,6 +231,27 @@ async fn an_agents_emit_event_call_appends_an_event_caused_by_the_handled_one() 
     assert!(
         output.contains("failed") && output.contains("not a token"),
         "{output}"
+    );
+    for (id, why) in [
+        (&control.id, "workflow control events are not open"),
+        (&forged.id, "written by Grizzly only"),
+    ] {
+        let output = outcomes[id]["output"].as_str().unwrap();
+        assert!(
+            output.contains("failed") && output.contains(why),
+            "{output}"
+        );
+    }
+    assert!(
+        s.watch
+            .seen
+            .iter()
+            .all(|e| e.subject != "events.workflow.w1.cancel_requested")
+    );
+    assert_eq!(
+        s.watch.of_type("handler_succeeded").len(),
+        4,
+        "no forged outcome"
     );
     assert_eq!(s.watch.of_type("summary_ready").len(), 1);
     assert!(

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use grizzly_tests::{ChildProcess, LoggedEvent, TestEnv};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -376,5 +376,83 @@ async fn a_failing_handler_retries_then_dead_letters_with_its_history() -> anyho
         .await?;
     assert_eq!(ok[0].data()["output"]["n"], 7);
     assert!(ok[0].seq > failed[2].seq);
+    Ok(())
+}
+
+/// A process handler that emits what the event asks for: `{"emit": {type, aggregate_type, aggregate_id}}`.
+const EMITTER: &str = r#"
+import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    print(json.dumps(e["data"]["emit"]), flush=True)
+    print(json.dumps({"done": True, "output": "emitted"}), flush=True)
+"#;
+
+#[tokio::test]
+async fn handlers_emit_only_what_their_emits_allows_and_never_forge_control_events()
+-> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let script = env.write_script("emitter.py", EMITTER);
+    let handler = |name: &str, on: &str, extra: &str| {
+        env.write_handler(
+            name,
+            &format!(
+                "name: {name}\non: [\"{on}\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nretry: {{ max_attempts: 1 }}\n{extra}",
+                script.display()
+            ),
+        );
+    };
+    handler("plain", "events.agent.*.plain", "");
+    handler(
+        "operator",
+        "events.agent.*.operator",
+        "emits: [\"events.workflow.*.cancel_requested\"]\n",
+    );
+    let _listener = env.start_listener().await?;
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    let mut dlq = env.watch_dlq().await?;
+    let cancel = json!({"emit": {"type": "cancel_requested", "aggregate_type": "workflow", "aggregate_id": "w1"}});
+    // Without `emits`, a workflow control event is refused: the attempt fails, nothing is
+    // appended, and the event is dead-lettered with the reason.
+    env.publish_raw("events.agent.p1.plain", cancel.to_string())
+        .await?;
+    let dead = dlq.wait_until(DEADLINE, |seen| !seen.is_empty()).await?[0].clone();
+    assert_eq!(dead.subject, "dlq.plain");
+    let record: Value = serde_json::from_slice(&dead.payload)?;
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("workflow control events are not open to handlers"),
+        "{record}"
+    );
+    // `emits` opens exactly that subject for the operator handler...
+    env.publish_raw("events.agent.o1.operator", cancel.to_string())
+        .await?;
+    watch.wait_for_type("cancel_requested", 1, DEADLINE).await?;
+    // ...but an outcome type stays closed to everyone.
+    let forge = json!({"emit": {"type": "handler_succeeded"}});
+    env.publish_raw("events.agent.o2.operator", forge.to_string())
+        .await?;
+    let dead = dlq.wait_until(DEADLINE, |seen| seen.len() >= 2).await?[1].clone();
+    let record: Value = serde_json::from_slice(&dead.payload)?;
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("written by Grizzly only"),
+        "{record}"
+    );
+    let cancels: Vec<_> = watch
+        .seen
+        .iter()
+        .filter(|e| e.subject == "events.workflow.w1.cancel_requested")
+        .collect();
+    assert_eq!(cancels.len(), 1, "only the operator's cancel got in");
+    assert_eq!(
+        cancels[0].event.as_ref().unwrap().source,
+        "grizzly/handler/operator"
+    );
     Ok(())
 }

@@ -11,7 +11,7 @@ use async_nats::jetstream::message::PublishMessage;
 use backon::BackoffBuilder;
 use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
 use grizzly_shared::envelope::now_rfc3339;
-use grizzly_shared::handler::LoadedHandler;
+use grizzly_shared::handler::{LoadedHandler, may_emit};
 use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{Nats, publish_confirmed};
 use grizzly_shared::subject::{EventSubject, dlq_subject};
@@ -278,6 +278,8 @@ fn emitted_envelopes(
                 &e.event_type,
             )
             .map_err(|err| format!("emitted event #{i} is invalid: {err}"))?;
+            may_emit(&ctx.handler.spec.emits, &subject)
+                .map_err(|err| format!("emitted event #{i} refused: {err}"))?;
             Ok(cause.caused(
                 &subject,
                 &source(ctx),

@@ -48,6 +48,9 @@ pub struct TurnContext {
     pub event: EventEnvelope,
     /// The server appends one JSON line per emitted event here, for the outcome's `emitted`.
     pub emitted_file: PathBuf,
+    /// The handler's `emits` patterns (see `grizzly_shared::handler::may_emit`).
+    #[serde(default)]
+    pub emits: Vec<String>,
 }
 
 impl TurnContext {
@@ -152,6 +155,9 @@ impl EmitServer {
         };
         let subject = EventSubject::new(aggregate_type, aggregate_id, &args.event_type)
             .map_err(|e| e.to_string())?;
+        // The agent may be steered by what it reads: only what its handler allows gets in.
+        grizzly_shared::handler::may_emit(ctx.as_ref().map_or(&[][..], |c| &c.emits), &subject)
+            .map_err(|e| format!("refused: {e}"))?;
         let envelope = match &ctx {
             Some(c) => {
                 let n = self.next_call(c.turn).to_string();

@@ -280,6 +280,7 @@ impl ClaudeInstance {
         &self,
         handler: &str,
         nats_url: &str,
+        emits: &[String],
         event: &EventEnvelope,
     ) -> std::io::Result<()> {
         let emitted_file = self.emitted_file();
@@ -295,6 +296,7 @@ impl ClaudeInstance {
             nats_url: nats_url.to_string(),
             event,
             emitted_file,
+            emits: emits.to_vec(),
         }
         .write(&self.dir.path().join("turn.json"))
     }

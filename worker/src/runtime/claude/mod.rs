@@ -37,6 +37,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct ClaudeRuntime {
     handler: String,
     nats_url: String,
+    /// The handler's `emits` patterns, passed to its agents' MCP server each turn.
+    emits: Vec<String>,
     session: SessionMode,
     templates: Environment<'static>,
     pool: Pool<ClaudeInstance>,
@@ -70,6 +72,7 @@ impl ClaudeRuntime {
         Ok(Self {
             handler: spec.name.clone(),
             nats_url: settings.nats_url.clone(),
+            emits: spec.emits.clone(),
             session: spec.session,
             templates,
             pool,
@@ -109,7 +112,7 @@ impl ClaudeRuntime {
         trace::follow(&span, event);
         let mut turn_event = event.clone();
         trace::stamp(&mut turn_event, &span);
-        if let Err(e) = instance.write_turn_context(&self.handler, &self.nats_url, &turn_event) {
+        if let Err(e) = instance.write_turn_context(&self.handler, &self.nats_url, &self.emits, &turn_event) {
             self.pool.checkin(lease, false).await;
             return Err(InvokeError::Start(format!(
                 "cannot write the MCP turn context: {e}"
