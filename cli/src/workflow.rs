@@ -343,11 +343,14 @@ async fn start(
     }
 }
 
-async fn view(settings: &Settings, nats: &Nats) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+async fn view(
+    settings: &Settings,
+    nats: &Nats,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
     projection::ensure_bucket(&nats.js, settings.streams.replicas).await
 }
 
-fn print_view(v: &InstanceView) {
+pub(crate) fn print_view(v: &InstanceView) {
     println!("instance  {}", v.id);
     println!("workflow  {} v{}", v.workflow, v.version);
     println!("status    {}", v.status);
@@ -385,7 +388,9 @@ async fn status(settings: &Settings, id: &str, as_json: bool) -> anyhow::Result<
     let nats = connect(settings).await?;
     let store = view(settings, &nats).await?;
     let Some(v) = projection::get(&store, id).await? else {
-        bail!("unknown instance `{id}` (not in the read model; `grizzly workflow list` shows them)");
+        bail!(
+            "unknown instance `{id}` (not in the read model; `grizzly workflow list` shows them)"
+        );
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -432,7 +437,11 @@ async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn control(settings: &Settings, t: Transition, args: ControlArgs) -> anyhow::Result<ExitCode> {
+async fn control(
+    settings: &Settings,
+    t: Transition,
+    args: ControlArgs,
+) -> anyhow::Result<ExitCode> {
     let nats = connect(settings).await?;
     let store = view(settings, &nats).await?;
     let Some(v) = projection::get(&store, &args.id).await? else {
