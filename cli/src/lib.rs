@@ -2,10 +2,12 @@
 //! and dispatches.
 
 pub mod bench;
+pub mod causation;
 pub mod dev;
 pub mod dlq;
 pub mod emit;
 pub mod events;
+pub mod fold;
 pub mod handlers;
 pub mod workflow;
 

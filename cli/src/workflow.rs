@@ -350,7 +350,7 @@ async fn view(
     projection::ensure_bucket(&nats.js, settings.streams.replicas).await
 }
 
-fn print_view(v: &InstanceView) {
+pub(crate) fn print_view(v: &InstanceView) {
     println!("instance  {}", v.id);
     println!("workflow  {} v{}", v.workflow, v.version);
     println!("status    {}", v.status);

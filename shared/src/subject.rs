@@ -124,6 +124,44 @@ impl fmt::Display for EventSubject {
     }
 }
 
+/// `events.<aggregate_type>.<aggregate_id>.>`: every event of one aggregate.
+pub fn aggregate_filter(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!("{EVENTS_PREFIX}.{aggregate_type}.{aggregate_id}.>")
+}
+
+/// `events.<t>.<i>.<e>` with `*` for each part not given: the narrowest single filter for
+/// `grizzly events tail --aggregate/--type`.
+pub fn events_filter(
+    aggregate_type: Option<&str>,
+    aggregate_id: Option<&str>,
+    event_type: Option<&str>,
+) -> String {
+    format!(
+        "{EVENTS_PREFIX}.{}.{}.{}",
+        aggregate_type.unwrap_or("*"),
+        aggregate_id.unwrap_or("*"),
+        event_type.unwrap_or("*")
+    )
+}
+
+/// Parses an aggregate key `type/id` (the form [`EventSubject::aggregate_key`] prints). With
+/// `wildcards`, either part may be `*`.
+pub fn parse_aggregate_key(key: &str, wildcards: bool) -> Result<(String, String), String> {
+    let Some((aggregate_type, aggregate_id)) = key.split_once('/') else {
+        return Err(format!(
+            "aggregate `{key}` must be `<aggregate_type>/<aggregate_id>`, e.g. `agent/a1`"
+        ));
+    };
+    for (what, token) in [("type", aggregate_type), ("id", aggregate_id)] {
+        if !(is_valid_token(token) || wildcards && token == "*") {
+            return Err(format!(
+                "aggregate {what} `{token}` in `{key}` must match [A-Za-z0-9_-]+"
+            ));
+        }
+    }
+    Ok((aggregate_type.to_string(), aggregate_id.to_string()))
+}
+
 /// `tasks.<handler>.<partition>`.
 pub fn task_subject(handler: &str, partition: u16) -> String {
     format!("tasks.{handler}.{partition}")
@@ -229,5 +267,27 @@ mod tests {
         assert!(validate_pattern("events.agent.*.ping").is_ok());
         assert!(validate_pattern("events.>.ping").is_err());
         assert!(validate_pattern("tasks.x").is_err());
+    }
+
+    #[test]
+    fn parses_aggregate_keys_and_builds_filters() {
+        assert_eq!(
+            parse_aggregate_key("agent/a1", false).unwrap(),
+            ("agent".into(), "a1".into())
+        );
+        assert!(
+            parse_aggregate_key("agent", false)
+                .unwrap_err()
+                .contains("agent/a1")
+        );
+        assert!(parse_aggregate_key("agent/a 1", false).is_err());
+        assert!(parse_aggregate_key("agent/a1/x", false).is_err());
+        assert!(parse_aggregate_key("agent/*", false).is_err());
+        assert!(parse_aggregate_key("agent/*", true).is_ok());
+        assert_eq!(aggregate_filter("agent", "a1"), "events.agent.a1.>");
+        assert_eq!(
+            events_filter(Some("agent"), None, Some("ping")),
+            "events.agent.*.ping"
+        );
     }
 }
