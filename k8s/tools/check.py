@@ -255,6 +255,14 @@ def check_grizzly_rules(name: str, docs: list[dict], known_env: set[str]) -> Non
             items = {i["key"] for i in hv["items"]}
             result(keys == items, f"{name}: {comp} handlers volume items cover every ConfigMap key",
                    f"not mounted: {sorted(keys - items)}; no such key: {sorted(items - keys)}")
+        envs = {e["name"]: e for e in c.get("env", [])}
+        secret = envs.get("NATS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        url = envs.get("GRIZZLY_NATS_URL", {}).get("value", "")
+        names_in_order = [e["name"] for e in c.get("env", [])]
+        result(secret.get("name") == "grizzly-nats" and "$(NATS_PASSWORD)@" in url
+               and names_in_order.index("NATS_PASSWORD") < names_in_order.index("GRIZZLY_NATS_URL"),
+               f"{name}: {comp} logs in to NATS with the password from Secret grizzly-nats",
+               f"GRIZZLY_NATS_URL={url!r}, NATS_PASSWORD from {secret}")
         sc = c.get("securityContext", {})
         result(pod.get("securityContext", {}).get("runAsNonRoot") is True and sc.get("allowPrivilegeEscalation") is False
                and sc.get("readOnlyRootFilesystem") is True,
@@ -286,6 +294,9 @@ def check_grizzly_rules(name: str, docs: list[dict], known_env: set[str]) -> Non
         result(replicas == 3, f"{name}: NATS runs 3 servers", f"replicas={replicas}")
         result(re.search(r"^\s*sync_interval:\s*always\s*$", conf, re.M) is not None,
                f"{name}: JetStream sync_interval: always")
+        auth = nats_cm["data"].get("auth.conf", "")
+        result("include ./auth.conf" in conf and "authorization" in auth and "$NATS_GRIZZLY_PASSWORD" in auth,
+               f"{name}: NATS clients must authenticate (auth.conf, passwords from the environment)")
         headless = sts["spec"]["serviceName"]
         routes = re.findall(r"nats://([\w.-]+):6222", conf)
         want = [f"{sts['metadata']['name']}-{i}.{headless}" for i in range(replicas)]
@@ -394,7 +405,8 @@ def cmd_nats_config(out: Path, rendered: list[Path]) -> None:
             for key, text in cm["data"].items():
                 (conf_dir / key).write_text(text.replace("/etc/nats-tls/leafnode", str(tls)))
             run = subprocess.run([nats, "-c", str(conf_dir / "nats.conf"), "-t"], capture_output=True, text=True,
-                                 env={**os.environ, "POD_NAME": "nats-0"}, timeout=60)
+                                 env={**os.environ, "POD_NAME": "nats-0", "NATS_GRIZZLY_PASSWORD": "x",
+                                      "NATS_PUBLISHER_PASSWORD": "y"}, timeout=60)
             result(run.returncode == 0, f"{path.stem}: nats-server -t accepts the NATS configuration",
                    (run.stderr or run.stdout).strip())
 

@@ -60,11 +60,18 @@ pub async fn connect(url: &str, name: &str, retry_initial: bool) -> Result<Nats,
     if retry_initial {
         options = options.retry_on_initial_connect();
     }
+    // async-nats ignores credentials in the URL: hand them over explicitly.
+    let (address, credentials) = split_credentials(url);
+    options = match credentials {
+        Some((user, Some(password))) => options.user_and_password(user, password),
+        Some((token, None)) => options.token(token),
+        None => options,
+    };
     let client = options
-        .connect(url)
+        .connect(address.as_str())
         .await
         .map_err(|source| SetupError::Connect {
-            url: url.to_string(),
+            url: redact(url),
             source,
         })?;
     let js = jetstream::ContextBuilder::new()
@@ -75,6 +82,29 @@ pub async fn connect(url: &str, name: &str, retry_initial: bool) -> Result<Nats,
         .backpressure_on_inflight(true)
         .build(client.clone());
     Ok(Nats { client, js })
+}
+
+/// Splits `nats://user:password@host:port` (or `nats://token@host:port`) into the address
+/// without credentials and the credentials: (user, Some(password)) or (token, None).
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let (Some((scheme, _)), Some(at)) = (url.split_once("://"), url.rfind('@')) else {
+        return (url.to_string(), None);
+    };
+    let userinfo = &url[scheme.len() + 3..at];
+    let host = &url[at + 1..];
+    let credentials = match userinfo.split_once(':') {
+        Some((user, password)) => (user.to_string(), Some(password.to_string())),
+        None => (userinfo.to_string(), None),
+    };
+    (format!("{scheme}://{host}"), Some(credentials))
+}
+
+/// `url` without the credentials it may carry (`nats://user:password@host`), for messages.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }
 
 pub fn events_stream_config(s: &StreamSettings) -> stream::Config {
@@ -194,5 +224,33 @@ pub async fn publish_confirmed(
             }
         }
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn credentials_never_reach_a_message() {
+        assert_eq!(
+            super::redact("nats://grizzly:s3cret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(super::redact("tls://tok@n1:4222"), "tls://***@n1:4222");
+        assert_eq!(super::redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            super::split_credentials("nats://grizzly:s3cret@nats:4222"),
+            (
+                "nats://nats:4222".to_string(),
+                Some(("grizzly".to_string(), Some("s3cret".to_string())))
+            )
+        );
+        assert_eq!(
+            super::split_credentials("tls://tok@n1:4222"),
+            ("tls://n1:4222".to_string(), Some(("tok".to_string(), None)))
+        );
+        assert_eq!(
+            super::split_credentials("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".to_string(), None)
+        );
     }
 }

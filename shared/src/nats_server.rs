@@ -43,6 +43,10 @@ pub struct NatsServerOptions {
     pub sync_always: bool,
     /// Upper bound of the JetStream file store (to test a full disk).
     pub max_file_store: Option<u64>,
+    /// A configuration file included at the end (e.g. the deployment's `auth.conf`).
+    pub include: Option<PathBuf>,
+    /// Environment of the server process (variables its configuration references).
+    pub env: Vec<(String, String)>,
 }
 
 impl NatsServerOptions {
@@ -54,6 +58,8 @@ impl NatsServerOptions {
             store_dir: store_dir.into(),
             sync_always: true,
             max_file_store: None,
+            include: None,
+            env: Vec::new(),
         }
     }
 }
@@ -127,8 +133,17 @@ fn check_version(path: &Path) -> Result<(), NatsServerError> {
 impl NatsServer {
     /// A throwaway server for a test: free port, temporary store, fsync always.
     pub async fn start_temp() -> Result<Self, NatsServerError> {
+        Self::start_temp_with(|_| {}).await
+    }
+
+    /// As [`Self::start_temp`], with options changed by `adjust` (the store is set already).
+    pub async fn start_temp_with(
+        adjust: impl FnOnce(&mut NatsServerOptions),
+    ) -> Result<Self, NatsServerError> {
         let temp = tempfile::tempdir()?;
-        let mut server = Self::start(NatsServerOptions::new(temp.path().join("store"))).await?;
+        let mut options = NatsServerOptions::new(temp.path().join("store"));
+        adjust(&mut options);
+        let mut server = Self::start(options).await?;
         server._temp = Some(temp);
         Ok(server)
     }
@@ -166,11 +181,16 @@ impl NatsServer {
         if let Some(max) = o.max_file_store {
             js.push_str(&format!("  max_file_store: {max}\n"));
         }
-        let config = format!(
+        let mut config = format!(
             "host: {:?}\nport: {port}\nlog_file: {:?}\nlogtime: true\njetstream {{\n{js}}}\n",
             o.host,
             self.log_path.display().to_string(),
         );
+        if let Some(include) = &o.include {
+            // nats-server resolves includes against the config's directory, even absolute ones.
+            std::fs::copy(include, o.store_dir.join("included.conf"))?;
+            config.push_str("include ./included.conf\n");
+        }
         let path = o.store_dir.join("nats-server.conf");
         std::fs::write(&path, config)?;
         Ok(path)
@@ -183,6 +203,7 @@ impl NatsServer {
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&config)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -79,18 +79,27 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts a fresh nats-server (fails loudly when it is not installed).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}, NatsServer::url).await
+    }
+
+    /// As [`Self::start`] with the server's options changed by `adjust`; `url` gives the URL
+    /// the components use (e.g. with credentials).
+    pub async fn start_with(
+        adjust: impl FnOnce(&mut grizzly_shared::nats_server::NatsServerOptions),
+        url: impl FnOnce(&NatsServer) -> String,
+    ) -> anyhow::Result<Self> {
         // Logs only when asked for (GRIZZLY_LOG=debug cargo test ...): test output stays readable.
         if let Ok(filter) = std::env::var("GRIZZLY_LOG") {
             grizzly_shared::telemetry::init("text", &filter);
         }
-        let server = NatsServer::start_temp()
+        let server = NatsServer::start_temp_with(adjust)
             .await
             .context("a real nats-server is required (run scripts/install-tools.sh)")?;
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::create_dir_all(dir.path().join("workflows"))?;
         let mut settings = Settings {
-            nats_url: server.url(),
+            nats_url: url(&server),
             handlers_dir: dir.path().join("handlers"),
             workflows_dir: dir.path().join("workflows"),
             partitions: 4,
