@@ -236,7 +236,10 @@ mod redact_tests {
             "nats://***@nats:4222"
         );
         assert_eq!(super::redact("tls://tok@n1:4222"), "tls://***@n1:4222");
-        assert_eq!(super::redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            super::redact("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
         assert_eq!(
             super::split_credentials("nats://grizzly:s3cret@nats:4222"),
             (

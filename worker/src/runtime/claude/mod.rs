@@ -112,7 +112,9 @@ impl ClaudeRuntime {
         trace::follow(&span, event);
         let mut turn_event = event.clone();
         trace::stamp(&mut turn_event, &span);
-        if let Err(e) = instance.write_turn_context(&self.handler, &self.nats_url, &self.emits, &turn_event) {
+        if let Err(e) =
+            instance.write_turn_context(&self.handler, &self.nats_url, &self.emits, &turn_event)
+        {
             self.pool.checkin(lease, false).await;
             return Err(InvokeError::Start(format!(
                 "cannot write the MCP turn context: {e}"
