@@ -488,47 +488,11 @@ impl WorkflowSpec {
 // Loading and validation
 // ---------------------------------------------------------------------------------------------
 
-/// One problem in a workflow file: file, position (when known) and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkflowFileError {
-    pub path: PathBuf,
-    pub line: Option<u64>,
-    pub column: Option<u64>,
-    pub message: String,
-}
-
-impl fmt::Display for WorkflowFileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-            if let Some(col) = self.column {
-                write!(f, ":{col}")?;
-            }
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for WorkflowFileError {}
-
-/// Every problem found, in file order.
-#[derive(Debug, Clone)]
-pub struct WorkflowErrors(pub Vec<WorkflowFileError>);
-
-impl fmt::Display for WorkflowErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for WorkflowErrors {}
+/// One problem in a workflow file (file, position when known, what is wrong), and every problem
+/// found in file order: the same shapes as handler files' errors.
+pub use grizzly_shared::handler::{
+    HandlerFileError as WorkflowFileError, HandlerLoadErrors as WorkflowErrors,
+};
 
 /// What a workflow may refer to: handlers (by name and capability) and other workflows.
 #[derive(Debug, Clone, Default)]
