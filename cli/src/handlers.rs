@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use grizzly_shared::Settings;
-use grizzly_shared::handler::{load_handlers, parse_handler};
+use grizzly_shared::flowspec::settings_problems;
+use grizzly_shared::handler::{load_handlers, locate_error, parse_handler};
 
 #[derive(clap::Subcommand)]
 pub enum HandlerCommand {
@@ -29,10 +30,10 @@ pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<Exi
     let mut ok = 0;
     for path in paths {
         let result = if path.is_dir() {
-            load_handlers(&path).map(|hs| hs.len()).map_err(|e| e.0)
+            load_handlers(&path).map_err(|e| e.0)
         } else {
             match std::fs::read_to_string(&path) {
-                Ok(text) => parse_handler(&path, &text).map(|_| 1),
+                Ok(text) => parse_handler(&path, &text).map(|h| vec![h]),
                 Err(e) => {
                     eprintln!("{}: cannot read: {e}", path.display());
                     problems += 1;
@@ -40,6 +41,23 @@ pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<Exi
                 }
             }
         };
+        // Checks against this deployment's settings (a batch must close before `ack_wait`).
+        let result = result.and_then(|handlers| {
+            let errors: Vec<_> = handlers
+                .iter()
+                .flat_map(|h| {
+                    let text = std::fs::read_to_string(&h.path).unwrap_or_default();
+                    settings_problems(&h.spec, settings.worker.ack_wait)
+                        .into_iter()
+                        .map(move |m| locate_error(&h.path, &text, m))
+                })
+                .collect();
+            if errors.is_empty() {
+                Ok(handlers.len())
+            } else {
+                Err(errors)
+            }
+        });
         match result {
             Ok(n) => ok += n,
             Err(errors) => {

@@ -122,6 +122,9 @@ pub fn validate(spec: &crate::HandlerSpec) -> Vec<String> {
         {
             problems.push("debounce.max_wait: must be at least `period`".into());
         }
+        if d.period.max(d.max_wait.unwrap_or_default()) > MAX_WINDOW {
+            problems.push("debounce: period and max_wait must be at most 24h".into());
+        }
     }
     if let Some(r) = &spec.rate_limit {
         if r.limit == 0 {
@@ -135,8 +138,60 @@ pub fn validate(spec: &crate::HandlerSpec) -> Vec<String> {
         if r.period < Duration::from_millis(1) {
             problems.push("rate_limit.period: must be at least 1ms".into());
         }
+        if r.period > MAX_WINDOW {
+            problems.push("rate_limit.period: must be at most 24h".into());
+        }
     }
     problems
+}
+
+/// Longest `rate_limit.period` and debounce window: state older than [`STATE_MAX_AGE`] is gone.
+pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Entries of the rate-limit and debounce buckets expire this long after their last write.
+pub const STATE_MAX_AGE: Duration = Duration::from_secs(2 * 24 * 3600);
+/// KV bucket: per (handler, key) the latest event of the current debounce burst.
+pub const DEBOUNCE_BUCKET: &str = "grizzly_debounce";
+/// KV bucket: per (handler, key) the events admitted by the rate limit in the last period.
+pub const RATE_LIMIT_BUCKET: &str = "grizzly_rate_limit";
+
+/// Debounce state of one (handler, key): written by the listener for every event, read by the
+/// worker when a task is due (it runs only if it is still `latest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DebounceState {
+    /// Id and `EVENTS` sequence of the newest event of the burst.
+    pub latest: String,
+    pub latest_seq: u64,
+    /// Broker time (unix ms) of the burst's first event.
+    pub first_ms: u64,
+    /// When the newest event runs (unix ms).
+    pub due_ms: u64,
+}
+
+/// Rate-limit state of one (handler, key): the newest `limit` admitted events (sequence, broker
+/// time in unix ms), oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitState {
+    pub admitted: Vec<(u64, u64)>,
+}
+
+/// Opens (creating when needed) one of the flow-control state buckets.
+pub async fn state_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::{kv, stream::StorageType};
+    js.create_or_update_key_value(kv::Config {
+        bucket: bucket.into(),
+        description: "Grizzly flow-control state (debounce / rate limit)".into(),
+        history: 1,
+        max_age: STATE_MAX_AGE,
+        storage: StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("KV bucket {bucket}: {e}"))
 }
 
 /// The rate limiter keeps the times of the last `limit` admitted events per key.
