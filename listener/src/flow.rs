@@ -339,7 +339,7 @@ impl FlowControl {
                 Some(state)
             })
             .await?;
-        Ok((!admitted).then(|| RateLimited {
+        Ok((!admitted).then_some(RateLimited {
             key,
             limit: spec.limit,
             period_ms,
