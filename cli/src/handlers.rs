@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use grizzly_shared::Settings;
-use grizzly_shared::handler::{LoadedHandler, load_handlers, parse_handler};
+use grizzly_shared::flowspec::settings_problems;
+use grizzly_shared::handler::{LoadedHandler, load_handlers, locate_error, parse_handler};
 use grizzly_shared::nats::{Nats, TASKS_STREAM};
 use grizzly_shared::registry::{HandlerRegistry, Registered, VersionState};
 use grizzly_shared::subject::task_filter;
@@ -115,10 +116,10 @@ pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<Exi
     let mut ok = 0;
     for path in paths {
         let result = if path.is_dir() {
-            load_handlers(&path).map(|hs| hs.len()).map_err(|e| e.0)
+            load_handlers(&path).map_err(|e| e.0)
         } else {
             match std::fs::read_to_string(&path) {
-                Ok(text) => parse_handler(&path, &text).map(|_| 1),
+                Ok(text) => parse_handler(&path, &text).map(|h| vec![h]),
                 Err(e) => {
                     eprintln!("{}: cannot read: {e}", path.display());
                     problems += 1;
@@ -126,6 +127,23 @@ pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<Exi
                 }
             }
         };
+        // Checks against this deployment's settings (a batch must close before `ack_wait`).
+        let result = result.and_then(|handlers| {
+            let errors: Vec<_> = handlers
+                .iter()
+                .flat_map(|h| {
+                    let text = std::fs::read_to_string(&h.path).unwrap_or_default();
+                    settings_problems(&h.spec, settings.worker.ack_wait)
+                        .into_iter()
+                        .map(move |m| locate_error(&h.path, &text, m))
+                })
+                .collect();
+            if errors.is_empty() {
+                Ok(handlers.len())
+            } else {
+                Err(errors)
+            }
+        });
         match result {
             Ok(n) => ok += n,
             Err(errors) => {

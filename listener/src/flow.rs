@@ -9,15 +9,34 @@
 //! - **Throttle**: a virtual schedule per (handler, key): each task gets a start time at least
 //!   `period / limit` after the previous one (`Task::not_before_ms`), and workers do not start it
 //!   earlier. Lossless: over-limit events wait, none is dropped.
+//! - **Rate limit** (lossy): per (handler, key) the newest `limit` admitted events (sequence,
+//!   broker time) are kept in KV `grizzly_rate_limit`; an event is admitted when fewer than
+//!   `limit` of them lie within `period` before its own broker time, else it is recorded as
+//!   `handler_skipped` (`reason: rate_limited`) and gets no task. Broker times make the decision
+//!   the same for every replica and after a restart; a re-routed event finds itself admitted.
+//! - **Debounce**: per (handler, key) KV `grizzly_debounce` holds the newest event of the current
+//!   burst; each task waits until `period` after its event (capped at the burst's first event +
+//!   `max_wait`), and the worker runs it only if it is still the newest — the others are
+//!   recorded as `handler_skipped` (`reason: debounced`, `superseded_by`).
+//!
+//! Both buckets are written with compare-and-set on the entry's revision; the active listener
+//! caches what it wrote, so an admitted event costs one KV write and a rejected one none.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use grizzly_shared::EventEnvelope;
+use grizzly_shared::flowspec::{
+    self, DEBOUNCE_BUCKET, DebounceSpec, DebounceState, KeyTemplate, RATE_LIMIT_BUCKET,
+    RateLimitSpec, RateLimitState,
+};
 use grizzly_shared::handler::LoadedHandler;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tracing::debug;
 
 pub const DEDUP_BUCKET: &str = "grizzly_dedup";
 
@@ -36,6 +55,79 @@ pub struct FlowControl {
     throttles: HashMap<String, (f64, bool)>,
     schedule: Mutex<HashMap<(String, String), f64>>,
     bucket: Option<kv::Store>,
+    rate_limits: HashMap<String, (RateLimitSpec, Option<KeyTemplate>)>,
+    debounces: HashMap<String, (DebounceSpec, Option<KeyTemplate>)>,
+    rate_state: Option<Arc<Cas<RateLimitState>>>,
+    debounce_state: Option<Arc<Cas<DebounceState>>>,
+}
+
+/// A KV bucket written with compare-and-set, with a cache of what this listener last wrote.
+struct Cas<S> {
+    bucket: kv::Store,
+    cache: Mutex<HashMap<String, (u64, S)>>,
+}
+
+impl<S: Clone + Serialize + DeserializeOwned> Cas<S> {
+    fn new(bucket: kv::Store) -> Self {
+        Self {
+            bucket,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies `change` to the entry at `key`: `None` leaves it as it is, `Some` writes it (only
+    /// if nobody wrote in between — else `change` runs again on the fresh state).
+    async fn update(
+        &self,
+        key: &str,
+        mut change: impl FnMut(Option<&S>) -> Option<S>,
+    ) -> anyhow::Result<()> {
+        for attempt in 0..8 {
+            let cached = match attempt {
+                0 => self.cache.lock().expect("cas lock").get(key).cloned(),
+                _ => None,
+            };
+            let (revision, state) = match cached {
+                Some((revision, state)) => (revision, Some(state)),
+                None => match self.bucket.entry(key).await? {
+                    Some(entry) => (entry.revision, serde_json::from_slice(&entry.value).ok()),
+                    None => (0, None),
+                },
+            };
+            let Some(new) = change(state.as_ref()) else {
+                return Ok(());
+            };
+            let value = serde_json::to_vec(&new)?.into();
+            let written = match revision {
+                0 => self
+                    .bucket
+                    .create(key, value)
+                    .await
+                    .map_err(anyhow::Error::from),
+                r => self
+                    .bucket
+                    .update(key, value, r)
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
+            match written {
+                Ok(revision) => {
+                    let mut cache = self.cache.lock().expect("cas lock");
+                    if cache.len() > 100_000 {
+                        cache.clear();
+                    }
+                    cache.insert(key.to_string(), (revision, new));
+                    return Ok(());
+                }
+                // Another listener (or an expired cache entry) moved it on: read and retry.
+                Err(e) => {
+                    debug!(key, error = %e, "flow-control state changed underneath; retrying");
+                    self.cache.lock().expect("cas lock").remove(key);
+                }
+            }
+        }
+        anyhow::bail!("flow-control state {key} keeps changing; will retry the event")
+    }
 }
 
 fn now_ms() -> f64 {
@@ -50,6 +142,8 @@ impl FlowControl {
     pub fn rebuilt(&self, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
         let mut next = Self::new(handlers)?;
         next.bucket = self.bucket.clone();
+        next.rate_state = self.rate_state.clone();
+        next.debounce_state = self.debounce_state.clone();
         *next.schedule.get_mut().expect("schedule lock") =
             self.schedule.lock().expect("schedule lock").clone();
         Ok(next)
@@ -79,12 +173,35 @@ impl FlowControl {
                 }
             }
         }
+        let template = |name: &str, what: &str, key: &Option<String>| {
+            key.as_deref()
+                .map(KeyTemplate::new)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("handler {name}: {what}.key: {e}"))
+        };
+        let mut rate_limits = HashMap::new();
+        let mut debounces = HashMap::new();
+        for h in handlers {
+            let name = &h.spec.name;
+            if let Some(r) = &h.spec.rate_limit {
+                let key = template(name, "rate_limit", &r.key)?;
+                rate_limits.insert(name.clone(), (r.clone(), key));
+            }
+            if let Some(d) = &h.spec.debounce {
+                let key = template(name, "debounce", &d.key)?;
+                debounces.insert(name.clone(), (d.clone(), key));
+            }
+        }
         Ok(Self {
             templates,
             dedup_windows,
             throttles,
             schedule: Mutex::new(HashMap::new()),
             bucket: None,
+            rate_limits,
+            debounces,
+            rate_state: None,
+            debounce_state: None,
         })
     }
 
@@ -94,9 +211,11 @@ impl FlowControl {
         js: &jetstream::Context,
         replicas: usize,
     ) -> anyhow::Result<()> {
-        if self.dedup_windows.is_empty() {
-            return Ok(());
-        }
+        // Always: a handler registered later may need any of them (see `rebuilt`).
+        let bucket = flowspec::state_bucket(js, RATE_LIMIT_BUCKET, replicas).await?;
+        self.rate_state = Some(Arc::new(Cas::new(bucket)));
+        let bucket = flowspec::state_bucket(js, DEBOUNCE_BUCKET, replicas).await?;
+        self.debounce_state = Some(Arc::new(Cas::new(bucket)));
         let bucket = js
             .create_or_update_key_value(kv::Config {
                 bucket: DEDUP_BUCKET.into(),
@@ -175,6 +294,113 @@ impl FlowControl {
         let start = next.max(now);
         *next = start + interval;
         Ok((start > now).then_some(start.ceil() as u64))
+    }
+}
+
+/// Why a handler does not get an event, recorded as `handler_skipped`.
+#[derive(Debug, PartialEq)]
+pub struct RateLimited {
+    pub key: String,
+    pub limit: u32,
+    pub period_ms: u64,
+}
+
+impl FlowControl {
+    /// Whether `handler`'s rate limit admits the event stored at `seq` at broker time `at_ms`
+    /// (`None`: admitted, or the handler has no rate limit).
+    pub async fn rate_limit(
+        &self,
+        handler: &str,
+        event: &EventEnvelope,
+        seq: u64,
+        at_ms: u64,
+    ) -> anyhow::Result<Option<RateLimited>> {
+        let (Some((spec, template)), Some(state)) =
+            (self.rate_limits.get(handler), &self.rate_state)
+        else {
+            return Ok(None);
+        };
+        let key = KeyTemplate::render_opt(template.as_ref(), event)?;
+        let period_ms = spec.period.as_millis() as u64;
+        let limit = spec.limit as usize;
+        let mut admitted = false;
+        state
+            .update(&flowspec::kv_key(handler, &key), |current| {
+                let mut state = current.cloned().unwrap_or_default();
+                // A re-routed event was admitted before: admit it again, change nothing.
+                if state.admitted.iter().any(|(s, _)| *s == seq) {
+                    admitted = true;
+                    return None;
+                }
+                let since = at_ms.saturating_sub(period_ms);
+                let recent = state.admitted.iter().filter(|(_, t)| *t > since).count();
+                admitted = recent < limit;
+                if !admitted {
+                    return None;
+                }
+                state.admitted.push((seq, at_ms));
+                let excess = state.admitted.len().saturating_sub(limit);
+                state.admitted.drain(..excess);
+                Some(state)
+            })
+            .await?;
+        Ok((!admitted).then_some(RateLimited {
+            key,
+            limit: spec.limit,
+            period_ms,
+        }))
+    }
+
+    /// Records the event as the newest of its debounce burst and returns when its task may run
+    /// (unix ms); `None` for handlers without `debounce`.
+    pub async fn debounce(
+        &self,
+        handler: &str,
+        event: &EventEnvelope,
+        seq: u64,
+        at_ms: u64,
+    ) -> anyhow::Result<Option<u64>> {
+        let (Some((spec, template)), Some(state)) =
+            (self.debounces.get(handler), &self.debounce_state)
+        else {
+            return Ok(None);
+        };
+        let key = KeyTemplate::render_opt(template.as_ref(), event)?;
+        let period = spec.period.as_millis() as u64;
+        let max_wait = spec.max_wait.map(|d| d.as_millis() as u64);
+        let mut due = at_ms + period;
+        state
+            .update(&flowspec::kv_key(handler, &key), |current| {
+                due = at_ms + period;
+                match current {
+                    // This event again (re-routed), or an older one: the state stays; an older
+                    // event's task finds itself superseded when due.
+                    Some(s) if s.latest_seq >= seq => {
+                        if s.latest_seq == seq {
+                            due = s.due_ms;
+                        }
+                        None
+                    }
+                    _ => {
+                        // A burst goes on while its newest event has not run yet.
+                        let first_ms = match current {
+                            Some(s) if s.due_ms > at_ms => s.first_ms,
+                            _ => at_ms,
+                        };
+                        if let Some(max_wait) = max_wait {
+                            due = due.min(first_ms + max_wait);
+                        }
+                        Some(DebounceState {
+                            latest: event.id.clone(),
+                            latest_seq: seq,
+                            first_ms,
+                            due_ms: due,
+                        })
+                    }
+                }
+            })
+            .await?;
+        Ok(Some(due))
     }
 }
 

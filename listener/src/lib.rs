@@ -53,7 +53,7 @@ fn pin_timeout(ack_wait: Duration) -> Duration {
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
-const OUTCOME_TYPES: [&str; 2] = ["handler_succeeded", "handler_failed"];
+const OUTCOME_TYPES: [&str; 3] = ["handler_succeeded", "handler_failed", "handler_skipped"];
 
 /// Per aggregate, the newest event whose tasks are not confirmed yet. The next event of that
 /// aggregate issues its tasks only after that one's are confirmed: with everything pipelined, a
@@ -495,6 +495,8 @@ impl Listener {
     ) -> anyhow::Result<Vec<(String, PublishMessage)>> {
         let stored = StoredMessage::from_jetstream(msg).map_err(anyhow::Error::msg)?;
         let seq = stored.stream_sequence;
+        // Broker time: rate limit and debounce decide the same on every replica and replay.
+        let at_ms = (stored.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
         let mut out = Vec::new();
         metrics().event_in();
         match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
@@ -549,6 +551,29 @@ impl Listener {
                         out.push((skipped.subject()?.to_string(), publish));
                         continue;
                     }
+                    if let Some(limited) = self
+                        .flow
+                        .rate_limit(&route.handler, &event, seq, at_ms)
+                        .await?
+                    {
+                        debug!(handler = %route.handler, event = %event.id, "rate limited");
+                        let skipped = event.caused(
+                            &EventSubject::new(&event.aggregatetype, &event.aggregateid, "handler_skipped")?,
+                            "grizzly/listener",
+                            serde_json::json!({"handler": route.handler, "handler_version": route.version, "event_id": event.id, "reason": "rate_limited", "rate_limit_key": limited.key, "limit": limited.limit, "period_ms": limited.period_ms}),
+                            &[&route.handler, "skipped"],
+                        );
+                        let publish = PublishMessage::build()
+                            .payload(skipped.to_json_bytes())
+                            .headers(skipped.headers());
+                        out.push((skipped.subject()?.to_string(), publish));
+                        metrics().events_out(EventsOut::Outcome, 1);
+                        continue;
+                    }
+                    let debounced = self
+                        .flow
+                        .debounce(&route.handler, &event, seq, at_ms)
+                        .await?;
                     let mut task = Task::new(
                         &route.handler,
                         route.version,
@@ -557,7 +582,7 @@ impl Listener {
                         priority,
                         event.clone(),
                     );
-                    task.not_before_ms = self.flow.throttle(&route.handler, &event)?;
+                    task.not_before_ms = self.flow.throttle(&route.handler, &event)?.max(debounced);
                     debug!(handler = %task.handler, event = %event.id, "routing");
                     let publish = PublishMessage::build()
                         .payload(task.to_json_bytes())

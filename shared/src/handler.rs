@@ -221,6 +221,13 @@ pub struct HandlerSpec {
     pub throttle: Option<ThrottleSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<DedupSpec>,
+    /// Batching, debounce and rate limit: see [`crate::flowspec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::flowspec::BatchSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce: Option<crate::flowspec::DebounceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::flowspec::RateLimitSpec>,
     #[serde(default)]
     pub pool: PoolSpec,
     /// When to replace a warm instance. Default: `claude` instances after 250 turns or 600 MiB;
@@ -361,6 +368,7 @@ impl HandlerSpec {
         {
             problems.push("dedup.window: must be at least 1s".into());
         }
+        problems.extend(crate::flowspec::validate(self));
         if self.pool_max() < self.pool.min.max(1) {
             problems.push(format!(
                 "pool: min ({}) is larger than max ({})",
@@ -475,22 +483,10 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
             message: yaml_message(&e.to_string()),
         }]
     })?;
-    let field_line = |message: &str| {
-        // Point at the line of the offending key when it is present in the file.
-        let key = message.split([':', '.']).next().unwrap_or("");
-        text.lines()
-            .position(|l| l.trim_start().starts_with(&format!("{key}:")))
-            .map(|i| i as u64 + 1)
-    };
     let mut errors: Vec<HandlerFileError> = spec
         .validate()
         .into_iter()
-        .map(|message| HandlerFileError {
-            path: path.to_path_buf(),
-            line: field_line(&message),
-            column: None,
-            message,
-        })
+        .map(|message| locate_error(path, text, message))
         .collect();
     let prompt_template = match (&spec.prompt, &spec.template) {
         (_, Some(inline)) => Some(inline.clone()),
@@ -500,12 +496,11 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
             match std::fs::read_to_string(&file) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    errors.push(HandlerFileError {
-                        path: path.to_path_buf(),
-                        line: field_line("prompt"),
-                        column: None,
-                        message: format!("prompt: cannot read `{}`: {e}", file.display()),
-                    });
+                    errors.push(locate_error(
+                        path,
+                        text,
+                        format!("prompt: cannot read `{}`: {e}", file.display()),
+                    ));
                     None
                 }
             }
@@ -522,6 +517,59 @@ pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<Handl
     } else {
         Err(errors)
     }
+}
+
+/// A validation problem of the file `path` (with contents `text`), placed at the key its message
+/// starts with (`retry.max_attempts: ...`).
+pub fn locate_error(path: &Path, text: &str, message: String) -> HandlerFileError {
+    let (line, column) = match locate(text, &message) {
+        Some((line, column)) => (Some(line), Some(column)),
+        None => (None, None),
+    };
+    HandlerFileError {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Line and column (1-based) of the key path a message starts with (`batch.max_size: ...`): the
+/// top-level key's line, then each nested key after it — in a flow mapping on the same line or
+/// in the indented block below. Falls back to the deepest key found.
+fn locate(text: &str, message: &str) -> Option<(u64, u64)> {
+    let path = message.split(':').next().unwrap_or("");
+    let mut keys = path.split('.');
+    let lines: Vec<&str> = text.lines().collect();
+    let top = keys.next()?;
+    let top_line = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(&format!("{top}:")))?;
+    let indent = lines[top_line].len() - lines[top_line].trim_start().len();
+    let (mut line, mut col) = (top_line, indent);
+    'keys: for key in keys {
+        let pattern = format!("{key}:");
+        let mut from = col + 1;
+        for (i, l) in lines.iter().enumerate().skip(line) {
+            let own = l.len() - l.trim_start().len();
+            if i > top_line && !l.trim().is_empty() && own <= indent {
+                break;
+            }
+            let mut search = from.min(l.len());
+            while let Some(found) = l[search..].find(&pattern) {
+                let at = search + found;
+                let before = l[..at].chars().next_back();
+                if before.is_none_or(|c| !(c.is_alphanumeric() || c == '_')) {
+                    (line, col) = (i, at);
+                    continue 'keys;
+                }
+                search = at + pattern.len();
+            }
+            from = 0;
+        }
+        break;
+    }
+    Some((line as u64 + 1, col as u64 + 1))
 }
 
 /// The parser's message without its own `error: line L column C:` prefix (we print the

@@ -3,7 +3,8 @@
 //! - [`subject`]: building and parsing NATS subjects (`events.*`, `tasks.*`, `dlq.*`).
 //! - [`envelope`]: the CloudEvents 1.0 event envelope and how raw bodies become events.
 //! - [`task`], [`dlq`]: the listener → worker task and the dead-letter record.
-//! - [`handler`]: handler definitions (YAML) and their validation.
+//! - [`handler`]: handler definitions (YAML) and their validation; [`flowspec`]: their `batch`,
+//!   `debounce` and `rate_limit` settings and key templates.
 //! - [`config`]: layered settings (defaults → file → `GRIZZLY_*` env → flags).
 //! - [`nats`]: connecting and the idempotent setup of streams, consumers and buckets.
 //! - [`nats_server`]: spawning a local `nats-server` child (dev mode and tests).
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod dlq;
 pub mod envelope;
+pub mod flowspec;
 pub mod handler;
 pub mod headers;
 pub mod http;

@@ -42,7 +42,7 @@ impl HandlerContext {
 
     /// Waits for the handler's throttle (when it has one without a key): at most `limit` starts
     /// in any `period`, by the times of this worker's last `limit` starts.
-    async fn throttle_gate(&self) {
+    pub(crate) async fn throttle_gate(&self) {
         let Some(t) = self
             .handler
             .spec
@@ -102,7 +102,18 @@ pub async fn execute(
             Err(reason) => {
                 warn!(handler = %ctx.name(), event = %task.event.id, %reason, "task cannot run");
                 let error = InvokeError::Start(reason);
-                write_failure(ctx, env, &task, delivery, 1, 0, &error, false).await;
+                write_failure(
+                    ctx,
+                    env,
+                    &task,
+                    delivery,
+                    1,
+                    0,
+                    &error,
+                    false,
+                    Default::default(),
+                )
+                .await;
                 let history = vec![AttemptError {
                     attempt: 1,
                     error: error.to_string(),
@@ -147,6 +158,7 @@ pub async fn execute(
             task: &task,
             attempt,
             timeout,
+            batch: None,
         };
         // Safety net above the runtime's own deadline handling.
         let outcome = match tokio::time::timeout(
@@ -202,6 +214,7 @@ pub async fn execute(
                     duration_ms,
                     &error,
                     will_retry,
+                    serde_json::Map::new(),
                 )
                 .await;
                 drop(attempt_span);
@@ -228,7 +241,7 @@ pub async fn execute(
 }
 
 /// Outcome, emitted events and model usage of a successful attempt.
-fn count_success(ctx: &HandlerContext, result: &HandlerResult, emitted: usize) {
+pub(crate) fn count_success(ctx: &HandlerContext, result: &HandlerResult, emitted: usize) {
     let m = metrics();
     // Events an agent emitted through MCP are already in the log; the runtime lists their ids.
     let via_mcp = result
@@ -256,12 +269,12 @@ fn count_success(ctx: &HandlerContext, result: &HandlerResult, emitted: usize) {
     m.model_usage(ctx.name(), input, tokens("output_tokens"), cost);
 }
 
-fn source(ctx: &HandlerContext) -> String {
+pub(crate) fn source(ctx: &HandlerContext) -> String {
     format!("grizzly/handler/{}", ctx.name())
 }
 
 /// Turns the events a handler asked for into envelopes; an invalid one fails the attempt.
-fn emitted_envelopes(
+pub(crate) fn emitted_envelopes(
     ctx: &HandlerContext,
     task: &Task,
     result: &HandlerResult,
@@ -290,7 +303,7 @@ fn emitted_envelopes(
         .collect()
 }
 
-fn outcome_subject(task: &Task, event_type: &str) -> EventSubject {
+pub(crate) fn outcome_subject(task: &Task, event_type: &str) -> EventSubject {
     EventSubject::new(
         &task.event.aggregatetype,
         &task.event.aggregateid,
@@ -300,7 +313,7 @@ fn outcome_subject(task: &Task, event_type: &str) -> EventSubject {
 }
 
 /// Publishes envelopes pipelined (all issued, then all confirmed), preserving their order.
-async fn publish_events(nats: &Nats, events: &[EventEnvelope]) {
+pub(crate) async fn publish_events(nats: &Nats, events: &[EventEnvelope]) {
     let mut issued = Vec::with_capacity(events.len());
     for event in events {
         let subject = event
@@ -354,8 +367,9 @@ async fn write_success(
     publish_events(&env.nats, &events).await;
 }
 
+/// Records one failed attempt; `extra` adds fields (a batch's id and size).
 #[allow(clippy::too_many_arguments)]
-async fn write_failure(
+pub(crate) async fn write_failure(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
     task: &Task,
@@ -364,8 +378,9 @@ async fn write_failure(
     duration_ms: u64,
     error: &InvokeError,
     will_retry: bool,
+    extra: serde_json::Map<String, Value>,
 ) {
-    let data = json!({
+    let mut data = json!({
         "handler": ctx.name(),
         "handler_version": task.handler_version,
         "event_id": task.event.id,
@@ -379,6 +394,9 @@ async fn write_failure(
         "dead_lettered": !will_retry,
         "worker": env.worker_id,
     });
+    if let Value::Object(map) = &mut data {
+        map.extend(extra);
+    }
     let outcome = task.event.caused(
         &outcome_subject(task, "handler_failed"),
         &source(ctx),
@@ -393,7 +411,7 @@ async fn write_failure(
     publish_events(&env.nats, &[outcome]).await;
 }
 
-async fn write_dead_letter(
+pub(crate) async fn write_dead_letter(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
     msg: &jetstream::Message,
@@ -431,7 +449,7 @@ async fn write_dead_letter(
 }
 
 /// Breaker changes are events on the System aggregate, so operators see them in the log.
-async fn note_transition(
+pub(crate) async fn note_transition(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
     task: &Task,

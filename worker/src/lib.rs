@@ -8,7 +8,9 @@
 //! handler is `ceil(partitions / live workers serving it)`, so adding a replica moves partitions
 //! to it and removing one moves them back.
 
+mod batch;
 pub mod breaker;
+mod debounce;
 pub mod executor;
 pub mod mcp;
 pub mod partition;
@@ -72,6 +74,21 @@ pub struct Worker {
 impl Worker {
     pub fn new(nats: Nats, settings: Settings, handlers: &[LoadedHandler]) -> anyhow::Result<Self> {
         let id = sanitize(&settings.worker_id());
+        // A batch must close well before the broker would redeliver its tasks.
+        let problems: Vec<String> = handlers
+            .iter()
+            .flat_map(|h| {
+                let text = h.source.clone();
+                grizzly_shared::flowspec::settings_problems(&h.spec, settings.worker.ack_wait)
+                    .into_iter()
+                    .map(move |m| {
+                        grizzly_shared::handler::locate_error(&h.path, &text, m).to_string()
+                    })
+            })
+            .collect();
+        if !problems.is_empty() {
+            anyhow::bail!("{}", problems.join("\n"));
+        }
         let contexts = handlers
             .iter()
             .map(|h| context_for(h, &settings))

@@ -9,7 +9,11 @@
 //! - among lanes whose next task is ready, the highest priority starts first; a waiting task is
 //!   promoted one level every [`AGING`] so low priorities are never starved;
 //! - a task with `not_before_ms` (throttle, debounce) waits until then, holding up its lane;
-//! - a task starts only when a handler slot and a worker slot are free.
+//! - a task starts only when a handler slot and a worker slot are free;
+//! - a `batch` handler's ready tasks go to a [`Collector`] instead, and each closed batch starts
+//!   as one invocation when slots are free (see [`crate::batch`]);
+//! - a `debounce` handler's task first checks it is still the newest of its burst
+//!   ([`crate::debounce`]).
 //!
 //! Everything held is progress-acked so the broker does not redeliver it.
 
@@ -29,6 +33,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::batch::{Collector, execute_batch};
+use crate::debounce::{DebounceGate, skip};
 use crate::executor::{ExecutionEnv, HandlerContext, Slots, execute};
 
 /// A task waiting this long counts as one priority level higher.
@@ -71,17 +77,22 @@ impl LeaseFence {
 /// How often a fenced runner looks again.
 const FENCE_POLL: Duration = Duration::from_millis(50);
 
-struct Held {
-    msg: jetstream::Message,
-    task: Task,
+pub(crate) struct Held {
+    pub(crate) msg: jetstream::Message,
+    pub(crate) task: Task,
     arrived: Instant,
 }
 
+/// What running work finished: the lanes it held.
+type Finished = BoxFuture<'static, Vec<String>>;
+
 /// What the runner holds: per-lane queues, and which lanes can start now.
 #[derive(Default)]
-struct Schedule {
+pub(crate) struct Schedule {
     lanes: HashMap<String, VecDeque<Held>>,
-    running: std::collections::HashSet<String>,
+    /// Running lanes, with how many tasks at the front of each the running work took (one, or
+    /// several for a batch).
+    running: HashMap<String, usize>,
     /// Lanes whose head is ready, by priority rank (0 = critical), oldest first.
     ready: [VecDeque<(String, Instant)>; 4],
     /// Lanes whose head must wait until a time.
@@ -104,7 +115,7 @@ impl Schedule {
         let lane = held.task.ordering_key();
         let queue = self.lanes.entry(lane.clone()).or_default();
         queue.push_back(held);
-        if queue.len() == 1 && !self.running.contains(&lane) {
+        if queue.len() == 1 && !self.running.contains_key(&lane) {
             self.mark_ready(lane);
         }
     }
@@ -146,7 +157,7 @@ impl Schedule {
     }
 
     /// The lane to start next: highest effective priority (aged), oldest first.
-    fn pick(&mut self) -> Option<String> {
+    pub(crate) fn pick(&mut self) -> Option<String> {
         let now = Instant::now();
         let best = (0..4)
             .filter_map(|r| {
@@ -158,21 +169,50 @@ impl Schedule {
             })
             .min()?;
         let (lane, _) = self.ready[best.1].pop_front()?;
-        self.running.insert(lane.clone());
+        self.running.insert(lane.clone(), 1);
         Some(lane)
     }
 
-    fn head(&self, lane: &str) -> Option<&Held> {
+    pub(crate) fn head(&self, lane: &str) -> Option<&Held> {
         self.lanes.get(lane).and_then(|q| q.front())
     }
 
-    /// The lane's running task finished: drop it and make the next one ready.
+    /// A running lane's next task not yet taken, if it is due (a batch may take it too).
+    pub(crate) fn next_of(&self, lane: &str) -> Option<&Held> {
+        let taken = *self.running.get(lane)?;
+        let next = self.lanes.get(lane)?.get(taken)?;
+        match next.task.not_before_ms {
+            Some(at) if at > now_ms() => None,
+            _ => Some(next),
+        }
+    }
+
+    /// The running work takes the lane's next task as well.
+    pub(crate) fn take_next(&mut self, lane: &str) {
+        if let Some(taken) = self.running.get_mut(lane) {
+            *taken += 1;
+        }
+    }
+
+    /// The lane stops counting as running without finishing anything (an abandoned batch; the
+    /// consumer is recreated right after, see [`Self::keep_running`]).
+    pub(crate) fn release(&mut self, lane: &str) {
+        self.running.remove(lane);
+    }
+
+    /// The lane's running work finished: drop its tasks and make the next one ready.
     fn finished(&mut self, lane: String) {
-        self.running.remove(&lane);
+        let taken = self.running.remove(&lane).unwrap_or(1);
         if let Some(q) = self.lanes.get_mut(&lane) {
-            q.pop_front();
+            q.drain(..taken.min(q.len()));
         }
         self.mark_ready(lane);
+    }
+
+    fn finished_all(&mut self, lanes: Vec<String>) {
+        for lane in lanes {
+            self.finished(lane);
+        }
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
@@ -183,9 +223,12 @@ impl Schedule {
     /// consumer delivers them again, in order); running ones stay at the head of their lanes.
     fn keep_running(&mut self) {
         let running = &self.running;
-        self.lanes.retain(|lane, queue| {
-            queue.truncate(1);
-            running.contains(lane)
+        self.lanes.retain(|lane, queue| match running.get(lane) {
+            Some(taken) => {
+                queue.truncate(*taken);
+                true
+            }
+            None => false,
         });
         for ready in &mut self.ready {
             ready.clear();
@@ -197,7 +240,8 @@ impl Schedule {
     fn is_running(&self, seq: u64) -> bool {
         self.running
             .iter()
-            .filter_map(|lane| self.head(lane))
+            .filter_map(|(lane, taken)| self.lanes.get(lane).map(|q| q.iter().take(*taken)))
+            .flatten()
             .any(|held| {
                 held.msg
                     .info()
@@ -249,7 +293,13 @@ impl PartitionRunner {
         };
         info!(%handler, partition = self.partition, "partition acquired");
         let mut schedule = Schedule::default();
-        let mut running: FuturesUnordered<BoxFuture<'static, String>> = FuturesUnordered::new();
+        let mut running: FuturesUnordered<Finished> = FuturesUnordered::new();
+        let mut collector = self.ctx.handler.spec.batch.as_ref().and_then(|spec| {
+            Collector::new(spec)
+                .inspect_err(|e| warn!(%handler, error = %e, "batch.key is invalid; not batching"))
+                .ok()
+        });
+        let debounce = DebounceGate::new(&self.ctx, &self.env.nats.js).map(Arc::new);
         let mut progress = tokio::time::interval(self.env.ack_wait / 3);
         progress.tick().await;
         // Waiting for a handler slot and a worker slot; only while a lane is ready.
@@ -259,7 +309,7 @@ impl PartitionRunner {
             while !self.fence.held() {
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
-                    Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                    Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
                     _ = tokio::time::sleep(FENCE_POLL) => {}
                 }
             }
@@ -272,6 +322,9 @@ impl PartitionRunner {
                 match self.fresh_consumer().await {
                     Ok(c) => {
                         consumer = c;
+                        if let Some(collector) = &mut collector {
+                            collector.abandon(&mut schedule);
+                        }
                         schedule.keep_running();
                         interrupted = false;
                     }
@@ -306,13 +359,22 @@ impl PartitionRunner {
                     // Start and pull nothing until the lease is renewed (or lost: then `stop`).
                     tokio::select! {
                         _ = stop.cancelled() => break 'pull,
-                        Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                        Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
                         _ = tokio::time::sleep(FENCE_POLL) => {}
                     }
                     continue;
                 }
                 let next_due = schedule.release_due();
-                if slots.is_none() && schedule.has_ready() {
+                // A batching handler's ready tasks join batches; closed batches need the slots.
+                let closes_at = collector.as_mut().and_then(|c| {
+                    c.absorb(&mut schedule);
+                    c.close_due()
+                });
+                let startable = match &collector {
+                    Some(c) => c.has_closed(),
+                    None => schedule.has_ready(),
+                };
+                if slots.is_none() && startable {
                     let (h, w) = (self.ctx.limit.clone(), self.env.worker_limit.clone());
                     slots = Some(Box::pin(async move {
                         let handler = h
@@ -326,6 +388,12 @@ impl PartitionRunner {
                         Slots { handler, worker }
                     }));
                 }
+                let closes = async {
+                    match closes_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => futures::future::pending().await,
+                    }
+                };
                 let due = async {
                     match next_due {
                         Some(at) => {
@@ -337,14 +405,25 @@ impl PartitionRunner {
                 };
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
-                    Some(lane) = running.next(), if !running.is_empty() => schedule.finished(lane),
+                    Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
                     acquired = async { slots.as_mut().expect("guarded").await }, if slots.is_some() => {
                         slots = None;
-                        if let Some(lane) = schedule.pick() {
-                            self.start(&schedule, lane, acquired, &mut running);
+                        match &mut collector {
+                            Some(c) => if let Some(batch) = c.next_closed() {
+                                let (ctx, env) = (self.ctx.clone(), self.env.clone());
+                                running.push(Box::pin(async move {
+                                    let lanes = batch.lanes().to_vec();
+                                    execute_batch(&ctx, &env, batch, acquired).await;
+                                    lanes
+                                }));
+                            },
+                            None => if let Some(lane) = schedule.pick() {
+                                self.start(&schedule, lane, acquired, debounce.clone(), &mut running);
+                            },
                         }
                     }
                     _ = due => {}
+                    _ = closes => {}
                     _ = progress.tick() => {
                         for held in schedule.held() {
                             let _ = held.msg.ack_with(AckKind::Progress).await;
@@ -398,7 +477,8 @@ impl PartitionRunner {
         schedule: &Schedule,
         lane: String,
         slots: Slots,
-        running: &mut FuturesUnordered<BoxFuture<'static, String>>,
+        debounce: Option<Arc<DebounceGate>>,
+        running: &mut FuturesUnordered<Finished>,
     ) {
         let Some(head) = schedule.head(&lane) else {
             return;
@@ -408,8 +488,15 @@ impl PartitionRunner {
         let ctx = self.ctx.clone();
         let env = self.env.clone();
         running.push(Box::pin(async move {
-            execute(&ctx, &env, msg, task, slots).await;
-            lane
+            let newer = match &debounce {
+                Some(gate) => gate.superseded_by(&task).await,
+                None => None,
+            };
+            match newer {
+                Some(newer) => skip(&ctx, &env, &msg, &task, newer).await,
+                None => execute(&ctx, &env, msg, task, slots).await,
+            }
+            vec![lane]
         }));
     }
 }

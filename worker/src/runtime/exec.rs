@@ -42,7 +42,7 @@ impl ExecRuntime {
             .spawn()
             .map_err(|e| InvokeError::Start(format!("{program}: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped");
-        let input = serde_json::to_vec(&invocation.task.event).expect("envelope serializes");
+        let input = invocation.request();
         // A handler that does not read stdin must not fail the event: ignore a broken pipe.
         let _ = stdin.write_all(&input).await;
         let _ = stdin.write_all(b"\n").await;

@@ -17,12 +17,37 @@ use grizzly_shared::Task;
 use serde_json::Value;
 use thiserror::Error;
 
-/// One attempt at handling a task.
+/// One attempt at handling a task, or a batch of tasks (`batch` handlers).
 pub struct Invocation<'a> {
+    /// The task; for a batch, its first task.
     pub task: &'a Task,
     pub attempt: u32,
     /// The handler's `timeout`: the runtime must stop the work (and free its instance) by then.
     pub timeout: Duration,
+    /// Set when the handler batches: every task of the batch, in the order they joined it.
+    pub batch: Option<&'a BatchInput>,
+}
+
+/// The events a batch invocation handles.
+pub struct BatchInput {
+    /// Derived from the ids of its events, so a replayed batch keeps it.
+    pub id: String,
+    pub tasks: Vec<Task>,
+}
+
+impl Invocation<'_> {
+    /// What `exec` and `process` handlers read: the event envelope, or for a batch one object
+    /// `{"batch_id": "...", "events": [envelope, ...]}`.
+    pub fn request(&self) -> Vec<u8> {
+        let body = match self.batch {
+            None => serde_json::to_vec(&self.task.event),
+            Some(b) => serde_json::to_vec(&serde_json::json!({
+                "batch_id": b.id,
+                "events": b.tasks.iter().map(|t| &t.event).collect::<Vec<_>>(),
+            })),
+        };
+        body.expect("envelopes serialize")
+    }
 }
 
 /// An event a handler asked to emit (script output or the MCP tool).

@@ -161,7 +161,7 @@ impl Runtime for ProcessRuntime {
     ) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
         Box::pin(async move {
             let mut lease = self.pool.checkout(None).await.map_err(InvokeError::Start)?;
-            let request = serde_json::to_vec(&invocation.task.event).expect("envelope serializes");
+            let request = invocation.request();
             let outcome =
                 tokio::time::timeout(invocation.timeout, lease.instance.turn(&request)).await;
             let (result, healthy) = match outcome {

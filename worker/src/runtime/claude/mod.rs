@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use grizzly_shared::handler::{LoadedHandler, SessionMode};
-use grizzly_shared::{Settings, Task, trace};
+use grizzly_shared::{Settings, trace};
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, context};
 use serde_json::{Value, json};
@@ -89,7 +89,7 @@ impl ClaudeRuntime {
         let timed_out = InvokeError::Timeout(invocation.timeout);
         let event = &invocation.task.event;
         // Render first: a bad template never occupies an instance.
-        let prompt = render(&self.templates, invocation.task, invocation.attempt)?;
+        let prompt = render(&self.templates, invocation)?;
         self.prewarmed.get_or_init(|| self.pool.prewarm()).await;
         let affinity = (self.session == SessionMode::PerAggregate).then(|| event.aggregate_key());
         let mut lease = timeout_at(deadline, self.pool.checkout(affinity.as_deref()))
@@ -210,12 +210,21 @@ fn templates(template: String) -> Result<Environment<'static>, minijinja::Error>
     Ok(templates)
 }
 
-/// Renders the prompt for one event (variables `event`, `data`, `task`, `attempt`).
+/// Renders the prompt for one event (variables `event`, `data`, `task`, `attempt`); a batch
+/// also gets `events` (every envelope, in order) and `batch` (`id`, `size`), while `event`,
+/// `data` and `task` are its first event's.
 fn render(
     templates: &Environment<'static>,
-    task: &Task,
-    attempt: u32,
+    invocation: &Invocation<'_>,
 ) -> Result<String, InvokeError> {
+    let task = invocation.task;
+    let (events, batch) = match invocation.batch {
+        Some(b) => (
+            b.tasks.iter().map(|t| &t.event).collect::<Vec<_>>(),
+            Some(json!({"id": b.id, "size": b.tasks.len()})),
+        ),
+        None => (vec![&task.event], None),
+    };
     let prompt = templates
         .get_template("prompt")
         .and_then(|t| {
@@ -223,7 +232,9 @@ fn render(
                 event => Serde(&task.event),
                 data => Serde(&task.event.data),
                 task => Serde(task),
-                attempt => attempt,
+                attempt => invocation.attempt,
+                events => Serde(&events),
+                batch => Serde(&batch),
             })
         })
         .map_err(|e| InvokeError::Failed(format!("rendering the prompt template: {e:#}")))?;
@@ -276,7 +287,43 @@ impl Runtime for ClaudeRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use grizzly_shared::{EventEnvelope, EventSubject, Priority};
+    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+
+    fn render(t: &Environment<'static>, task: &Task, attempt: u32) -> Result<String, InvokeError> {
+        super::render(
+            t,
+            &Invocation {
+                task,
+                attempt,
+                timeout: Duration::from_secs(1),
+                batch: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_batch_renders_every_event() {
+        let t = templates(
+            "{{ batch.size }}:{% for e in events %}{{ e.data.n }},{% endfor %}{{ data.n }}".into(),
+        )
+        .unwrap();
+        let tasks = vec![task(json!({"n": 1})), task(json!({"n": 2}))];
+        let batch = super::super::BatchInput {
+            id: "b1".into(),
+            tasks,
+        };
+        let text = super::render(
+            &t,
+            &Invocation {
+                task: &batch.tasks[0],
+                attempt: 1,
+                timeout: Duration::from_secs(1),
+                batch: Some(&batch),
+            },
+        )
+        .unwrap();
+        assert_eq!(text, "2:1,2,1");
+    }
 
     fn task(data: Value) -> Task {
         let subject = EventSubject::new("agent", "a1", "task_requested").unwrap();
