@@ -246,5 +246,25 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
         echo.contains("healthy (1)") && echo.contains("process"),
         "{echo}"
     );
+
+    // The coordinator runs the example workflows: the provisioning saga ends completed.
+    let started = tokio::task::spawn_blocking({
+        let (url, root) = (url.clone(), root.clone());
+        move || {
+            Command::new(bin_path("grizzly"))
+                .current_dir(&root)
+                .args(["--nats-url", &url, "workflow", "start", "provision"])
+                .args(["--input", r#"{"env":"dev"}"#, "--id", "dev-prov"])
+                .args(["--wait", "--timeout", "60s"])
+                .output()
+        }
+    });
+    let started = tokio::time::timeout(Duration::from_secs(90), started).await???;
+    let text = String::from_utf8_lossy(&started.stdout);
+    assert!(
+        started.status.success() && text.contains("completed"),
+        "{text}{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
     Ok(())
 }
