@@ -263,8 +263,10 @@ impl Listener {
             priority_timeout: PIN_TIMEOUT,
             ..Default::default()
         };
+        // Create or update: a consumer made by an older version takes the current settings
+        // (e.g. its longer pin timeout).
         stream
-            .get_or_create_consumer(LISTENER_CONSUMER, config)
+            .create_consumer(config)
             .await
             .context("listener consumer on EVENTS")
     }
