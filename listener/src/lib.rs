@@ -12,6 +12,9 @@
 //!
 //! Replicas share one durable consumer with a pinned-client priority group: exactly one replica
 //! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
+//! A replica that is handed an event while earlier ones are still pending elsewhere (it took
+//! over from a dead or stopped replica, or a pull of its own was cut off) first routes those
+//! earlier events from the log ([`Listener::catch_up`]), so fail-over keeps per-aggregate order.
 
 pub mod flow;
 pub mod health;
@@ -42,14 +45,12 @@ const LISTENER_GROUP: &str = "listeners";
 /// Life of one pull request: the active listener pulls at least this often.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
-/// How long a standby listener waits before taking over from a silent one. Longer than a pull
-/// plus `ack_wait`: by then every event the silent listener was given (and may not have routed)
-/// is due for redelivery, and the server hands redeliveries out before newer events, so the
-/// standby re-routes them first and per-aggregate order holds across the fail-over. (With a
-/// shorter pin the standby routed newer events of an aggregate before the orphaned older ones.)
-fn pin_timeout(ack_wait: Duration) -> Duration {
-    ack_wait + PULL_EXPIRES + Duration::from_secs(1)
-}
+/// How long a standby listener waits before taking over from a silent one: a few pulls, so a
+/// busy active listener keeps its pin. Independent of `ack_wait`: what the silent one was given
+/// and may not have routed, the new one reads from the log first ([`Listener::catch_up`]).
+const PIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Catching up gives up (and pulls again) when the log sends nothing for this long.
+const CATCH_UP_IDLE: Duration = Duration::from_secs(5);
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
@@ -102,6 +103,30 @@ impl Tails {
 
 /// What a routed event's confirmation returns: publishes it confirmed, and its [`Tails`] entry.
 type Routed = (usize, Option<(String, u64)>);
+
+/// Routed events whose publishes are not confirmed yet.
+#[derive(Default)]
+struct Pipeline {
+    in_flight: FuturesUnordered<BoxFuture<'static, Routed>>,
+    tails: Tails,
+    /// Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
+    /// never waits on a confirmation that only the routing loop could collect.
+    outstanding: usize,
+}
+
+impl Pipeline {
+    fn has_room(&self) -> bool {
+        self.outstanding < MAX_OUTSTANDING_PUBLISHES
+    }
+
+    /// An event's publishes are confirmed (and it is acked).
+    fn settled(&mut self, (done, tail): Routed) {
+        self.outstanding -= done;
+        if let Some((aggregate, token)) = tail {
+            self.tails.finished(&aggregate, token);
+        }
+    }
+}
 
 /// One routing rule: a handler version and the subjects it consumes.
 #[derive(Debug, Clone)]
@@ -240,11 +265,13 @@ impl Listener {
             max_ack_pending: self.settings.listener.max_ack_pending,
             priority_policy: PriorityPolicy::PinnedClient,
             priority_groups: vec![LISTENER_GROUP.into()],
-            priority_timeout: pin_timeout(self.settings.listener.ack_wait),
+            priority_timeout: PIN_TIMEOUT,
             ..Default::default()
         };
+        // Create or update: a consumer made by an older version takes the current settings
+        // (e.g. its longer pin timeout).
         stream
-            .get_or_create_consumer(LISTENER_CONSUMER, config)
+            .create_consumer(config)
             .await
             .context("listener consumer on EVENTS")
     }
@@ -303,57 +330,19 @@ impl Listener {
             Err(e) => warn!(error = %e, "cannot read worker heartbeats yet"),
         }
         tokio::spawn(health::watch(leases, self.health.clone(), shutdown.clone()));
+        let events = self
+            .nats
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .context("EVENTS stream")?;
         let mut consumer = self.consumer().await?;
         info!(routes = self.routes.len(), "listener routing");
-        let mut in_flight: FuturesUnordered<BoxFuture<'static, Routed>> = FuturesUnordered::new();
-        let mut tails = Tails::default();
-        // Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
-        // never waits on a confirmation that only this loop could collect.
-        let mut outstanding = 0usize;
-        let mut interrupted = false;
+        let mut pipeline = Pipeline::default();
+        // The newest stream sequence this replica routed; every event between the consumer's
+        // ack floor and it was routed by this replica (see [`Listener::catch_up`]).
+        let mut cursor: Option<u64> = None;
         'outer: while !shutdown.is_cancelled() {
-            if interrupted {
-                // Events on their way to the interrupted pull are lost to us but stay pending on
-                // the broker until `ack_wait`, while a new pull gets newer events at once: an
-                // aggregate's later event was routed before its earlier one (seen after
-                // SIGSTOP/SIGCONT). So: finish what we hold, and if events we do not hold are
-                // still pending, pull again only once they are due — redeliveries come first.
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'outer,
-                        next = in_flight.next() => match next {
-                            Some((done, tail)) => {
-                                outstanding -= done;
-                                if let Some((aggregate, token)) = tail {
-                                    tails.finished(&aggregate, token);
-                                }
-                            }
-                            None => break,
-                        },
-                    }
-                }
-                match consumer.info().await.map(|i| i.num_ack_pending) {
-                    Ok(0) => {}
-                    Ok(pending) => {
-                        warn!(
-                            pending,
-                            "events of an interrupted pull are pending; resuming once they are due"
-                        );
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(self.settings.listener.ack_wait + Duration::from_millis(500)) => {}
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the listener consumer; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                        }
-                    }
-                }
-                interrupted = false;
-            }
             let mut messages = match consumer
                 .stream()
                 .group(LISTENER_GROUP)
@@ -377,66 +366,137 @@ impl Listener {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
-                    Some((done, tail)) = in_flight.next(), if !in_flight.is_empty() => {
-                        outstanding -= done;
-                        if let Some((aggregate, token)) = tail {
-                            tails.finished(&aggregate, token);
-                        }
+                    Some(routed) = pipeline.in_flight.next(), if !pipeline.in_flight.is_empty() => {
+                        pipeline.settled(routed);
                     }
-                    next = messages.next(), if outstanding < MAX_OUTSTANDING_PUBLISHES => match next {
+                    next = messages.next(), if pipeline.has_room() => match next {
                         Some(Ok(msg)) => {
                             if registry_rx.has_changed().unwrap_or(false) {
                                 let now = registry_rx.borrow_and_update().clone();
                                 self.apply_registry(&now);
                             }
-                            let (count, confirm) = self.route(msg, &mut tails).await;
-                            outstanding += count;
-                            in_flight.push(confirm);
+                            let seq = msg.info().map(|i| i.stream_sequence).ok();
+                            if let Some(seq) = seq.filter(|s| cursor.is_none_or(|c| *s > c + 1)) {
+                                // Events before this one went to another replica (or to a pull
+                                // of ours that was cut off) and may be unrouted: route them first.
+                                let caught_up = tokio::select! {
+                                    _ = shutdown.cancelled() => break 'outer,
+                                    r = self.catch_up(&events, &mut consumer, cursor, seq, &mut pipeline) => r,
+                                };
+                                if let Err(e) = caught_up {
+                                    warn!(error = %e, "cannot route the events before this one yet; pulling again");
+                                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                    continue 'outer;
+                                }
+                            }
+                            if let Some(seq) = seq {
+                                cursor = Some(cursor.map_or(seq, |c| c.max(seq)));
+                            }
+                            self.route(msg, &mut pipeline, true).await;
                         }
                         Some(Err(e)) => {
                             // e.g. a missed idle heartbeat under load: transient, pull again.
+                            // What the cut-off pull was given is caught up when the next pull
+                            // skips past it.
                             warn!(error = %e, "EVENTS pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
-                            interrupted = true;
                             continue 'outer;
                         }
-                        None => {
-                            interrupted = true;
-                            continue 'outer;
-                        }
+                        None => continue 'outer,
                     },
                 }
             }
         }
-        while in_flight.next().await.is_some() {}
+        while pipeline.in_flight.next().await.is_some() {}
         // Hand the pin over now rather than after the pin timeout: a standby takes over at once
         // (nothing is orphaned: every routed event was confirmed and acked above).
-        if let Ok(stream) = self.nats.js.get_stream(EVENTS_STREAM).await {
-            let _ = stream
-                .unpin_consumer(LISTENER_CONSUMER, LISTENER_GROUP)
-                .await;
-        }
+        let _ = events
+            .unpin_consumer(LISTENER_CONSUMER, LISTENER_GROUP)
+            .await;
         info!("listener stopped");
         Ok(())
     }
 
+    /// Routes, in log order, the events after the consumer's ack floor (or after `cursor`, if
+    /// later) and before `next`, reading them straight from the log.
+    ///
+    /// The consumer hands this replica `next` although earlier events are still pending: they
+    /// were delivered to a replica that died or stopped (this one takes over its pin), or to a
+    /// pull of ours that was cut off. The broker redelivers them only after `ack_wait`, so
+    /// routing `next` first would put an aggregate's newer task ahead of its older one. Routing
+    /// them again is idempotent (task ids derive from the event, within the duplicate window),
+    /// both for those the other replica did route and for their later redelivery; they are not
+    /// acked here — their redelivery is.
+    async fn catch_up(
+        &self,
+        events: &jetstream::stream::Stream,
+        consumer: &mut consumer::Consumer<pull::Config>,
+        cursor: Option<u64>,
+        next: u64,
+        pipeline: &mut Pipeline,
+    ) -> anyhow::Result<()> {
+        let floor = consumer.info().await?.ack_floor.stream_sequence;
+        let from = cursor.unwrap_or(0).max(floor) + 1;
+        if from >= next {
+            return Ok(());
+        }
+        let log = events
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .context("reading the log from the ack floor")?;
+        let mut log = log.messages().await?;
+        let started = std::time::Instant::now();
+        let mut routed = 0u64;
+        loop {
+            let msg = tokio::time::timeout(CATCH_UP_IDLE, log.next())
+                .await
+                .context("the log went silent while catching up")?
+                .context("the log ended while catching up")??;
+            if msg.info().map_err(anyhow::Error::msg)?.stream_sequence >= next {
+                break;
+            }
+            while !pipeline.has_room() {
+                if let Some(done) = pipeline.in_flight.next().await {
+                    pipeline.settled(done);
+                }
+            }
+            self.route(msg, pipeline, false).await;
+            routed += 1;
+        }
+        info!(
+            from,
+            to = next - 1,
+            routed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "routed the events pending elsewhere before newer ones"
+        );
+        Ok(())
+    }
+
     /// Routes one message: issues its publishes now (so tasks are written in log order) and
-    /// returns their count and a future that confirms them and then acks the event.
+    /// adds to `pipeline` a future that confirms them and then acks the event (if `ack`).
     /// An event whose aggregate still has an unconfirmed predecessor issues its publishes only
     /// once that one is confirmed (see [`Tails`]).
-    async fn route(
-        &self,
-        msg: jetstream::Message,
-        tails: &mut Tails,
-    ) -> (usize, BoxFuture<'static, Routed>) {
+    async fn route(&self, msg: jetstream::Message, pipeline: &mut Pipeline, ack: bool) {
         let publishes = match self.publishes_for(&msg).await {
             Ok(p) => p,
-            Err(e) => {
+            Err(e) if ack => {
                 warn!(error = %e, subject = %msg.subject, "cannot route; will redeliver");
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
-                return (0, Box::pin(async { (0, None) }));
+                return;
+            }
+            Err(e) => {
+                // Its redelivery (still pending) gets the same treatment as any event.
+                warn!(error = %e, subject = %msg.subject, "cannot route while catching up; left to its redelivery");
+                return;
             }
         };
         // events.<type>.<id>.<event>: tasks are ordered per aggregate (dead letters need no order).
@@ -446,7 +506,7 @@ impl Listener {
         };
         let (tail, done, previous) = match aggregate {
             Some(aggregate) => {
-                let (token, done, previous) = tails.push(aggregate.clone());
+                let (token, done, previous) = pipeline.tails.push(aggregate.clone());
                 (Some((aggregate, token)), Some(done), previous)
             }
             None => (None, None, None),
@@ -480,12 +540,13 @@ impl Listener {
             if let Some(done) = done {
                 let _ = done.send(());
             }
-            if let Err(e) = msg.ack().await {
+            if ack && let Err(e) = msg.ack().await {
                 warn!(error = %e, "ack of routed event failed; it will be re-routed (idempotent)");
             }
             (count, tail)
         };
-        (count, Box::pin(confirm))
+        pipeline.outstanding += count;
+        pipeline.in_flight.push(Box::pin(confirm));
     }
 
     /// What must be written for one message: its tasks, or its dead letter.
