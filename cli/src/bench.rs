@@ -882,7 +882,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         }
     } else {
         Sizes {
-            warm_events: 40,
+            warm_events: 100,
             cold_events: 8,
             throughput_events: 20_000,
             success_events: 2_000,
