@@ -65,7 +65,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         grizzly_worker::mcp::serve_stdio().await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let settings = cli.args.load()?;
+    let mut settings = cli.args.load()?;
+    if matches!(cli.command, Command::Bench(_)) && std::env::var_os("GRIZZLY_LOG").is_none() {
+        // A bench prints tables; the components it runs log errors only unless asked.
+        settings.log = "error".into();
+    }
     // Held until the command ends: flushes its spans (e.g. `emit`'s root span) on the way out.
     let _telemetry = grizzly_shared::telemetry::init(&settings.log_format, &settings.log);
     match cli.command {

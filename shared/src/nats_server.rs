@@ -3,7 +3,7 @@
 //! is Grizzly's system of record.
 //!
 //! The binary is found in `$GRIZZLY_NATS_SERVER`, then the project's tool directory
-//! (`.tools/bin`, searched upwards from the working directory), then `PATH`.
+//! (`.tools/bin`, searched upwards from the working directory, then from the binary), then `PATH`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,18 +86,20 @@ pub fn find_binary() -> Result<PathBuf, NatsServerError> {
     Ok(candidate)
 }
 
-/// `.tools/bin/<name>` in the working directory or any parent (tests run from crate dirs).
+/// `.tools/bin/<name>` in the working directory or any parent (tests run from crate dirs), else
+/// above the running binary (`target/release/grizzly` of a clone run from elsewhere).
 pub fn find_in_tools_dir(name: &str) -> Option<PathBuf> {
-    let mut dir = std::env::current_dir().ok()?;
-    loop {
-        let candidate = dir.join(".tools").join("bin").join(name);
-        if candidate.is_file() {
-            return Some(candidate);
-        }
-        if !dir.pop() {
-            return None;
-        }
-    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    [std::env::current_dir().ok(), exe_dir]
+        .into_iter()
+        .flatten()
+        .find_map(|dir| {
+            dir.ancestors()
+                .map(|d| d.join(".tools").join("bin").join(name))
+                .find(|candidate| candidate.is_file())
+        })
 }
 
 pub fn find_on_path(name: &str) -> Option<PathBuf> {

@@ -268,3 +268,112 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// Every figure `grizzly bench all` reports (its JSON `figures`); the values depend on the
+/// machine, so the test checks only that each is there and is a number.
+const BENCH_FIGURES: &[&str] = &[
+    "cold_p50_ms",
+    "cold_p99_ms",
+    "cold_events_per_s",
+    "warm1_p50_ms",
+    "warm1_p99_ms",
+    "warm1_events_per_s",
+    "warm2_p50_ms",
+    "warm2_events_per_s",
+    "warm4_p50_ms",
+    "warm4_events_per_s",
+    "warm8_p50_ms",
+    "warm8_events_per_s",
+    "warm_vs_cold_throughput",
+    "scaling2_vs_1",
+    "scaling4_vs_1",
+    "scaling8_vs_1",
+    "raw_events_per_s_always",
+    "relay_events_per_s_always",
+    "full_events_per_s_always",
+    "full_p50_ms_always",
+    "full_over_raw_always",
+    "full_over_relay_always",
+    "raw_events_per_s_default",
+    "relay_events_per_s_default",
+    "full_events_per_s_default",
+    "full_p50_ms_default",
+    "full_over_raw_default",
+    "full_over_relay_default",
+    "success_pct",
+    "first_attempt_success_pct",
+];
+
+/// The figures that have a target (a PASS/MISS row each).
+const BENCH_TARGETS: &[&str] = &[
+    "warm1_p50_ms",
+    "warm4_p50_ms",
+    "warm_vs_cold_throughput",
+    "scaling2_vs_1",
+    "scaling4_vs_1",
+    "scaling8_vs_1",
+    "full_events_per_s_default",
+    "full_over_raw_default",
+    "full_over_relay_always",
+    "success_pct",
+];
+
+#[test]
+fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bench.json");
+    let out = Command::new(bin_path("grizzly"))
+        .args(["bench", "all", "--quick", "--json"])
+        .arg(&path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    for key in BENCH_FIGURES {
+        assert!(
+            report["figures"][key].is_number(),
+            "figure {key} missing: {}",
+            report["figures"]
+        );
+    }
+    let targets = report["targets"].as_array().expect("targets");
+    for key in BENCH_TARGETS {
+        let t = targets
+            .iter()
+            .find(|t| t["key"] == *key)
+            .unwrap_or_else(|| panic!("no target row for {key}: {targets:?}"));
+        assert!(t["pass"].is_boolean() && t["target"].is_string(), "{t}");
+        assert_eq!(t["value"], report["figures"][key], "{key}");
+        // The printed table has the row with its verdict.
+        let row = stdout
+            .lines()
+            .find(|l| l.contains(t["figure"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("no row for {key} in:\n{stdout}"));
+        assert!(row.contains("PASS") || row.contains("MISS"), "{row}");
+    }
+    assert!(report["quick"] == true);
+    assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c >= 1));
+    assert!(report["date"].as_str().is_some_and(|d| d.len() >= 20));
+    assert!(report.get("git_commit").is_some());
+
+    // Bad input: an unknown broker mode and an unknown flag are refused, naming the problem.
+    let bad = Command::new(bin_path("grizzly"))
+        .args(["bench", "throughput", "--fsync", "sometimes"])
+        .output()?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("`always` or `default`, not `sometimes`"),
+        "{err}"
+    );
+    let bad = Command::new(bin_path("grizzly"))
+        .args(["bench", "all", "--fast"])
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--fast"));
+    Ok(())
+}

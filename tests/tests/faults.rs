@@ -1,17 +1,22 @@
 //! Fault injection (issue 8, "Prove the promises"): a steady stream of events over 30
-//! aggregates runs through real `grizzly-listener` / `grizzly-worker` child processes and a real
-//! `nats-server`; two `process` handlers (`ledger`, `audit`) take every `op` event, an
-//! always-failing one takes `doom` events, and a `claude` handler (the real Claude Code CLI
-//! against the fake Messages API) takes one turn in 50, emitting an event through MCP. Every run
-//! mixes in handler failures (2% fail their first attempt, 0.4% hang past the 2 s timeout) and
-//! poison (1% each: malformed JSON, oversized, always-failing). One fault per scenario, a fresh
-//! broker each, injected a third into the stream:
+//! aggregates runs through real `grizzly-listener` / `grizzly-worker` / `grizzly-coordinator`
+//! child processes and a real `nats-server`; two `process` handlers (`ledger`, `audit`) take
+//! every `op` event, an always-failing one takes `doom` events, and a `claude` handler (the real
+//! Claude Code CLI against the fake Messages API) takes one turn in 50, emitting an event through
+//! MCP. One event in 20 starts a workflow instance (`order`: `reserve` and `charge`, both with a
+//! saga compensation, then `ship`, which fails for one instance in four so the saga undoes
+//! `charge` then `reserve`); its steps run on the `process` handler `step`, which logs every
+//! invocation (instance, step, the worker that ran it) as its side effect. Every run mixes in
+//! handler failures (2% fail their first attempt, 0.4% hang past the 2 s timeout) and poison
+//! (1% each: malformed JSON, oversized, always-failing). One fault per scenario, a fresh broker
+//! each, injected a third into the stream:
 //!
 //! | fault | recovery time: from the fault to ... |
 //! |---|---|
 //! | SIGKILL the listener (a new one is started) | the first outcome of an event appended after it |
 //! | SIGKILL a worker (a new one is started) | the first outcome in its partitions by another worker |
-//! | SIGKILL listener + both workers (all restarted) | the first outcome of a newer event by a new worker |
+//! | SIGKILL the coordinator (a new one is started) | the first workflow transition caused by an event appended after it |
+//! | SIGKILL listener + both workers + coordinator (all restarted) | the later of: the first outcome of a newer event by a new worker, the first transition caused by a newer event |
 //! | SIGKILL `nats-server`, restart on the same store | the first outcome stored after the restart |
 //! | SIGSTOP a worker past `ack_wait` (other worker takes over), SIGCONT | as for SIGKILL worker |
 //! | SIGSTOP the only worker until its leases expire and past `ack_wait`, SIGCONT | its first outcome after SIGCONT |
@@ -27,13 +32,17 @@
 //! - nothing happened twice: `handler_succeeded` per (event, handler), emitted events, dead
 //!   letters and the published events are counted as *messages in the log* (the duplicate window
 //!   drops re-sends, so any extra message is a real duplicate);
+//! - every started workflow instance ended exactly once, as its definition says (`completed`, or
+//!   `failed` with `charge` then `reserve` compensated); each of its steps started once and
+//!   succeeded once (`step_started`, `handler_succeeded` per (instance, step)); and the step
+//!   handler's own log shows each step ran once — a second run counts as a duplicate unless the
+//!   worker running the first was killed or stopped mid-step, or the broker died (at-least-once
+//!   delivery of a task whose outcome was never written; the note counts these re-runs);
 //! - per aggregate, each handler's outcomes follow the log order of their causes, and an outcome
 //!   comes after the events it reports as emitted;
-//! - the system finished every event by itself, within a deadline.
+//! - the system finished every event and instance by itself, within a deadline.
 //!
-//! The coordinator is not part of the run: `grizzly-coordinator` has no workflow engine yet (it
-//! connects, sets up the streams and idles), so killing it proves nothing. Network partitions
-//! are not simulated.
+//! Network partitions are not simulated.
 //!
 //! `cargo test -p grizzly-tests --test faults -- --nocapture` prints the table (also written to
 //! `$FAULTS_TABLE` if set; `FAULTS_ONLY=KillBroker` runs one scenario). The default is the CI size
@@ -50,6 +59,8 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use bytes::Bytes;
 use futures::StreamExt;
+/// The `source` of the events the coordinator writes.
+use grizzly_coordinator::instance::SOURCE as COORDINATOR;
 use grizzly_devkit::{FakeApiConfig, FakeApiHandle, FakeMessagesApi};
 use grizzly_shared::dlq::DeadLetter;
 use grizzly_shared::envelope::StoredMessage;
@@ -62,6 +73,30 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const AGGREGATES: usize = 30;
+/// One event in `WORKFLOW_EVERY` starts an `order` instance (at position 12, clear of the
+/// claude turns and the poison); one instance in `FAIL_EVERY` fails its last step.
+const WORKFLOW_EVERY: usize = 20;
+const FAIL_EVERY: usize = 4;
+const ORDER_WORKFLOW: &str = r#"
+name: order
+do:
+  - id: reserve
+    call: step
+    with: { n: "${ input.n }", fail_step: "${ input.fail_step }" }
+    compensate: { call: step, with: { n: "${ output.n }" } }
+  - id: charge
+    call: step
+    with: { n: "${ input.n }", fail_step: "${ input.fail_step }" }
+    compensate: { call: step, with: { n: "${ output.n }" } }
+  - id: ship
+    call: step
+    with: { n: "${ input.n }", fail_step: "${ input.fail_step }" }
+    retry: { max_attempts: 1 }
+output: { n: "${ input.n }", shipped: "${ steps.ship.output.step }" }
+"#;
+/// Steps a completed `order` ran, and those a failed one ran (compensations last).
+const ORDER_STEPS: [&str; 3] = ["reserve", "charge", "ship"];
+const ORDER_COMPENSATED: [&str; 2] = ["charge.compensate", "reserve.compensate"];
 /// Bodies above this are dead-lettered by the listener (`oversized`).
 const MAX_EVENT_BYTES: usize = 16 * 1024;
 
@@ -118,6 +153,7 @@ const BASELINE: Mix = Mix {
 enum Fault {
     KillListener,
     KillWorker,
+    KillCoordinator,
     KillAll,
     KillBroker,
     StopWorker,
@@ -134,7 +170,8 @@ impl Fault {
         match self {
             Fault::KillListener => "SIGKILL listener",
             Fault::KillWorker => "SIGKILL worker",
-            Fault::KillAll => "SIGKILL listener+2 workers",
+            Fault::KillCoordinator => "SIGKILL coordinator",
+            Fault::KillAll => "SIGKILL listener+coord.+2 workers",
             Fault::KillBroker => "SIGKILL+restart nats-server",
             Fault::StopWorker => "SIGSTOP worker > ack_wait",
             Fault::StopOnlyWorker => "SIGSTOP the only worker > ack_wait",
@@ -165,11 +202,13 @@ impl Fault {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-/// One persistent JSON-lines process, three roles:
+/// One persistent JSON-lines process, four roles:
 /// - `ledger`: always succeeds; emits `ledger_noted` for every 4th `n`;
 /// - `audit`: fails (`fail_first`) or hangs (`hang_first`) on an event's first attempt only —
 ///   decided by the event's data, remembered across processes with marker files;
-/// - `doomed`: always fails.
+/// - `doomed`: always fails;
+/// - `step`: a workflow step; appends (instance, step, event id, its parent: the worker) to
+///   `<marks>/steps.log` — its side effect — and fails when the step is the input's `fail_step`.
 ///
 /// A hang waits on stdin, so the process exits as soon as the worker closes its pipe (timeout
 /// or worker crash) instead of lingering.
@@ -192,6 +231,14 @@ def handle(event):
     n = data.get("n")
     if role == "doomed":
         return reply({"done": True, "error": "doomed: this handler always fails"})
+    if role == "step":
+        step = (data.get("_step") or {}).get("step")
+        with open(os.path.join(marks, "steps.log"), "a") as log:
+            log.write(json.dumps({"instance": event["aggregateid"], "step": step,
+                                  "event_id": event["id"], "worker": os.getppid()}) + "\n")
+        if step == data.get("fail_step"):
+            return reply({"done": True, "error": "injected step failure: " + step})
+        return reply({"done": True, "output": {"n": n, "step": step}})
     if role == "audit":
         if data.get("hang_first") and first_time(event["id"], "hang"):
             select.select([sys.stdin], [], [], 300)
@@ -214,10 +261,15 @@ fn write_handlers(env: &TestEnv, fake: &FakeApiHandle) -> anyhow::Result<()> {
     let marks = env.path().join("marks");
     std::fs::create_dir_all(&marks)?;
     let process = |name: &str, on: &str, extra: &str| {
+        let on = if on.is_empty() {
+            String::new()
+        } else {
+            format!("on: [\"{on}\"]\n")
+        };
         env.write_handler(
             name,
             &format!(
-                "name: {name}\non: [\"{on}\"]\nkind: process\ncommand: [\"python3\", \"{}\", \"{name}\", \"{}\"]\n{extra}\n",
+                "name: {name}\n{on}kind: process\ncommand: [\"python3\", \"{}\", \"{name}\", \"{}\"]\n{extra}\n",
                 script.display(),
                 marks.display()
             ),
@@ -248,6 +300,18 @@ fn write_handlers(env: &TestEnv, fake: &FakeApiHandle) -> anyhow::Result<()> {
         agent.push_str(&format!("  {k}: \"{v}\"\n"));
     }
     env.write_handler("agent", &agent);
+    // Workflow steps: no `on` patterns, the coordinator writes their tasks.
+    process(
+        "step",
+        "",
+        &format!(
+            "concurrency: 4\ntimeout: 10s\n{retry}\nbreaker: {{ failure_threshold: 1000000 }}"
+        ),
+    );
+    std::fs::write(
+        env.settings.workflows_dir.join("order.yaml"),
+        ORDER_WORKFLOW,
+    )?;
     Ok(())
 }
 
@@ -256,8 +320,15 @@ fn write_handlers(env: &TestEnv, fake: &FakeApiHandle) -> anyhow::Result<()> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Op { fail_first: bool, hang_first: bool },
+    Op {
+        fail_first: bool,
+        hang_first: bool,
+    },
     Claude,
+    /// Starts instance `wf<n>` of `order`; `fail`: its `ship` step fails (the saga undoes).
+    Workflow {
+        fail: bool,
+    },
     Doomed,
     Malformed,
     Oversized,
@@ -292,6 +363,10 @@ fn plan(n: usize, mix: Mix) -> Planned {
         |k: usize| mix.poison_every > 0 && n % mix.poison_every == mix.poison_every * k / 8 + 1;
     let kind = if n % mix.claude_every == 7 {
         Kind::Claude
+    } else if n % WORKFLOW_EVERY == 12 {
+        Kind::Workflow {
+            fail: (n / WORKFLOW_EVERY) % FAIL_EVERY == 1,
+        }
     } else if poison(1) {
         Kind::Malformed
     } else if poison(3) {
@@ -346,6 +421,10 @@ fn plan(n: usize, mix: Mix) -> Planned {
             json!({"n": n, "text": format!(
                 "note {n} [[tool:emit_event {{\"type\":\"summary_ready\",\"data\":{{\"n\":{n}}}}}]]"
             )}),
+        ),
+        Kind::Workflow { fail } => envelope(
+            EventSubject::new("workflow", format!("wf{n}"), "start_requested").expect("valid"),
+            json!({"workflow": "order", "input": {"n": n, "fail_step": if fail { "ship" } else { "" }}}),
         ),
         Kind::Malformed => raw(Bytes::from(format!("{{\"n\": {n}, this is not json"))),
         Kind::Oversized => raw(Bytes::from(
@@ -457,7 +536,10 @@ impl Publisher {
 
 struct Cluster {
     listener: Option<ChildProcess>,
+    coordinator: Option<ChildProcess>,
     workers: Vec<(String, ChildProcess)>,
+    /// Every worker process started, killed ones included.
+    worker_pids: Vec<u32>,
     next_worker: usize,
 }
 
@@ -476,15 +558,27 @@ fn component_env(worker_id: Option<&str>) -> Vec<(&'static str, String)> {
 }
 
 impl Cluster {
-    /// The listener; workers are started one by one.
+    /// The listener and the coordinator; workers are started one by one.
     fn start(env: &TestEnv) -> anyhow::Result<Self> {
         let mut c = Self {
             listener: None,
+            coordinator: None,
             workers: Vec::new(),
+            worker_pids: Vec::new(),
             next_worker: 1,
         };
         c.start_listener(env)?;
+        c.start_coordinator(env)?;
         Ok(c)
+    }
+
+    fn start_coordinator(&mut self, env: &TestEnv) -> anyhow::Result<()> {
+        self.coordinator = Some(ChildProcess::start(
+            "grizzly-coordinator",
+            &env.settings,
+            &component_env(None),
+        )?);
+        Ok(())
     }
 
     fn start_listener(&mut self, env: &TestEnv) -> anyhow::Result<()> {
@@ -501,6 +595,7 @@ impl Cluster {
         self.next_worker += 1;
         let child =
             ChildProcess::start("grizzly-worker", &env.settings, &component_env(Some(&id)))?;
+        self.worker_pids.push(child.pid());
         self.workers.push((id.clone(), child));
         Ok(id)
     }
@@ -523,6 +618,7 @@ impl Cluster {
     async fn stop(mut self) {
         let mut children: Vec<ChildProcess> = self.workers.drain(..).map(|(_, c)| c).collect();
         children.extend(self.listener.take());
+        children.extend(self.coordinator.take());
         for c in &children {
             signal(c.pid(), "TERM");
         }
@@ -666,6 +762,8 @@ struct Row {
     fault: &'static str,
     sent: usize,
     handled: usize,
+    /// Workflow instances that ended as designed / started.
+    workflows: String,
     in_dlq: usize,
     lost: usize,
     duplicated: usize,
@@ -677,10 +775,14 @@ struct Row {
 struct Logs {
     events: Vec<Rec>,
     dlq: Vec<(Rec, DeadLetter)>,
+    /// The workflow step handler's own log of its runs.
+    step_runs: Vec<StepRun>,
 }
 
-/// Counts and checks everything the promises say about one run.
-fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
+/// Counts and checks everything the promises say about one run. `rerun_excused(pid)`: whether
+/// a workflow step first run under worker `pid` may run again (that worker was killed or
+/// stopped mid-step, or the broker died).
+fn analyse(row: &mut Row, published: &Published, logs: &Logs, rerun_excused: &dyn Fn(u32) -> bool) {
     let sent = &published.acked;
     row.sent = sent.len();
     let by_seq: HashMap<u64, &Rec> = logs.events.iter().map(|r| (r.seq, r)).collect();
@@ -793,6 +895,9 @@ fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
         }
         let copies = copies.get(p.id.as_str()).copied().unwrap_or(0);
         row.duplicated += copies.saturating_sub(1);
+        if matches!(p.kind, Kind::Workflow { .. }) {
+            continue; // checked by `analyse_workflows` below
+        }
         let (handlers, dlq_keys): (Vec<&str>, Vec<String>) = match p.kind {
             Kind::Op { .. } => (
                 vec!["ledger", "audit"],
@@ -801,6 +906,7 @@ fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
             Kind::Claude => (vec!["agent"], vec![format!("{}/agent", p.id)]),
             Kind::Doomed => (vec![], vec![format!("{}/doomed", p.id)]),
             Kind::Malformed | Kind::Oversized => (vec![], vec![format!("seq/{}", s.seq)]),
+            Kind::Workflow { .. } => unreachable!("skipped above"),
         };
         let counts: Vec<usize> = handlers.iter().map(|h| succeeded(&p.id, h)).collect();
         row.duplicated += counts.iter().map(|c| c.saturating_sub(1)).sum::<usize>();
@@ -866,6 +972,20 @@ fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
             }
         }
     }
+    let wf = analyse_workflows(published, logs, rerun_excused);
+    good += wf.started;
+    good_handled += wf.as_designed;
+    row.handled += wf.as_designed;
+    row.lost += wf.lost;
+    row.duplicated += wf.duplicated;
+    row.problems.extend(wf.problems);
+    row.workflows = format!("{}/{}", wf.as_designed, wf.started);
+    if wf.reruns > 0 {
+        row.note.push_str(&format!(
+            "{} step re-runs after their worker died or stopped mid-step",
+            wf.reruns
+        ));
+    }
     if good > 0 && (good_handled as f64) < 0.999 * good as f64 {
         row.problems
             .push(format!("success rate {good_handled}/{good} is below 99.9%"));
@@ -887,6 +1007,196 @@ fn analyse(row: &mut Row, published: &Published, logs: &Logs) {
     }
 }
 
+/// One invocation of the workflow step handler, from its own log.
+#[derive(Debug)]
+struct StepRun {
+    instance: String,
+    step: String,
+    /// The parent process when it ran: the worker, or a reaper once the worker was killed.
+    worker: u32,
+}
+
+fn read_step_runs(path: &std::path::Path) -> anyhow::Result<Vec<StepRun>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e.into()),
+    };
+    text.lines()
+        .map(|line| {
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("step log line {line:?}"))?;
+            Ok(StepRun {
+                instance: v["instance"].as_str().unwrap_or_default().to_string(),
+                step: v["step"].as_str().unwrap_or_default().to_string(),
+                worker: v["worker"].as_u64().unwrap_or_default() as u32,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct WorkflowVerdict {
+    started: usize,
+    /// Ended exactly as the definition says.
+    as_designed: usize,
+    lost: usize,
+    duplicated: usize,
+    /// Second runs of a step whose first run's worker died or stopped (excused).
+    reruns: usize,
+    problems: Vec<String>,
+}
+
+/// Every started `order` instance ended once, as designed; each step started, succeeded and
+/// ran (by the handler's own log) once.
+fn analyse_workflows(
+    published: &Published,
+    logs: &Logs,
+    rerun_excused: &dyn Fn(u32) -> bool,
+) -> WorkflowVerdict {
+    let mut v = WorkflowVerdict::default();
+    let instance_of = |r: &Rec| r.subject.split('.').nth(2).unwrap_or_default().to_string();
+    let mut ends: HashMap<String, Vec<&Rec>> = HashMap::new();
+    let mut started: HashMap<(String, String), usize> = HashMap::new();
+    let mut step_of: HashMap<String, (String, String)> = HashMap::new();
+    for r in logs
+        .events
+        .iter()
+        .filter(|r| r.subject.starts_with("events.workflow."))
+    {
+        let Some(event) = &r.event else { continue };
+        match r.event_type() {
+            "completed" | "failed" | "cancelled" if event.source == COORDINATOR => {
+                ends.entry(instance_of(r)).or_default().push(r);
+            }
+            "step_started" => {
+                let key = (
+                    instance_of(r),
+                    r.data()["_step"]["step"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+                *started.entry(key.clone()).or_default() += 1;
+                step_of.insert(event.id.clone(), key);
+            }
+            _ => {}
+        }
+    }
+    let mut succeeded: HashMap<&(String, String), usize> = HashMap::new();
+    for r in logs.events.iter().filter(|r| {
+        r.subject.starts_with("events.workflow.") && r.event_type() == "handler_succeeded"
+    }) {
+        if let Some(key) = step_of.get(&r.str_field("event_id")) {
+            *succeeded.entry(key).or_default() += 1;
+        }
+    }
+    let mut runs: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+    for run in &logs.step_runs {
+        runs.entry((&run.instance, &run.step))
+            .or_default()
+            .push(run.worker);
+    }
+    let problem = |v: &mut WorkflowVerdict, p: String| {
+        if v.problems.len() < 8 {
+            v.problems.push(p);
+        }
+    };
+    for s in &published.acked {
+        let Kind::Workflow { fail } = s.planned.kind else {
+            continue;
+        };
+        v.started += 1;
+        let n = s.planned.n;
+        let instance = format!("wf{n}");
+        let mut expected: Vec<&str> = ORDER_STEPS.to_vec();
+        if fail {
+            expected.extend(ORDER_COMPENSATED);
+        }
+        let end = ends.get(&instance).map(Vec::as_slice).unwrap_or_default();
+        v.duplicated += end.len().saturating_sub(1);
+        let Some(end) = end.first() else {
+            v.lost += 1;
+            problem(&mut v, format!("workflow {instance} never ended"));
+            continue;
+        };
+        let data = end.data();
+        let as_designed = if fail {
+            end.event_type() == "failed" && data["compensated"] == json!(ORDER_COMPENSATED)
+        } else {
+            end.event_type() == "completed"
+                && (data["output"]["n"] == json!(n) || data["output"]["n"] == json!(n.to_string()))
+        };
+        if as_designed {
+            v.as_designed += 1;
+        } else {
+            problem(
+                &mut v,
+                format!(
+                    "workflow {instance} (fail: {fail}) ended {}: {data}",
+                    end.event_type()
+                ),
+            );
+        }
+        for (key, count) in started.iter().filter(|((i, _), _)| *i == instance) {
+            if !expected.contains(&key.1.as_str()) {
+                problem(
+                    &mut v,
+                    format!(
+                        "workflow {instance} started an unexpected step {} ({count}×)",
+                        key.1
+                    ),
+                );
+            }
+        }
+        for step in &expected {
+            let key = (instance.clone(), step.to_string());
+            let starts = started.get(&key).copied().unwrap_or(0);
+            let successes = succeeded.get(&key).copied().unwrap_or(0);
+            let should_succeed = !(fail && *step == "ship");
+            v.duplicated += starts.saturating_sub(1) + successes.saturating_sub(1);
+            if starts == 0
+                || (should_succeed && successes == 0)
+                || (!should_succeed && successes > 0)
+            {
+                problem(
+                    &mut v,
+                    format!(
+                        "workflow {instance} step {step}: started {starts}×, succeeded {successes}×"
+                    ),
+                );
+            }
+            let ran = runs
+                .get(&(instance.as_str(), *step))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if ran.is_empty() {
+                problem(
+                    &mut v,
+                    format!("workflow {instance} step {step}: the handler never ran it"),
+                );
+            }
+            // A later run is excused only when the worker of the run before it went away.
+            for pair in ran.windows(2) {
+                if rerun_excused(pair[0]) {
+                    v.reruns += 1;
+                } else {
+                    v.duplicated += 1;
+                    problem(
+                        &mut v,
+                        format!("workflow {instance} step {step} ran again (workers {ran:?})"),
+                    );
+                }
+            }
+        }
+    }
+    if v.duplicated > 0 {
+        let duplicated = v.duplicated;
+        problem(&mut v, format!("{duplicated} duplicate workflow effects"));
+    }
+    v
+}
+
 /// Time from `from` to the first outcome stored after it that `pick` accepts.
 fn first_outcome_after(
     logs: &Logs,
@@ -897,6 +1207,29 @@ fn first_outcome_after(
         .iter()
         .filter(|r| r.event_type() == "handler_succeeded" && r.stored_at > from && pick(r))
         .map(|r| r.stored_at.duration_since(from).unwrap_or_default())
+        .min()
+}
+
+/// Time from `at` to the first event the coordinator wrote in answer to an event stored after
+/// `at` (a dead coordinator cannot have written it).
+fn first_transition_after(
+    logs: &Logs,
+    at: SystemTime,
+    stored: &HashMap<&str, SystemTime>,
+) -> Option<Duration> {
+    logs.events
+        .iter()
+        .filter(|r| r.stored_at > at)
+        .filter(|r| {
+            r.event.as_ref().is_some_and(|e| {
+                e.source == COORDINATOR
+                    && e.causationid
+                        .as_deref()
+                        .and_then(|c| stored.get(c))
+                        .is_some_and(|t| *t > at)
+            })
+        })
+        .map(|r| r.stored_at.duration_since(at).unwrap_or_default())
         .min()
 }
 
@@ -911,6 +1244,8 @@ struct Injected {
     victim_partitions: HashSet<String>,
     /// Workers killed or stopped: outcomes they wrote are not recovery.
     victims: HashSet<String>,
+    /// Their pids: a step they were running may run again elsewhere (at-least-once).
+    victim_pids: HashSet<u32>,
     /// When a stopped worker was resumed.
     resumed: Option<SystemTime>,
     note: String,
@@ -972,6 +1307,12 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     if let Err(e) = &settled {
         row.problems.push(format!("did not settle: {e:#}"));
     }
+    let healthy: HashSet<u32> = cluster
+        .worker_pids
+        .iter()
+        .filter(|pid| !injected.victim_pids.contains(pid))
+        .copied()
+        .collect();
     cluster.stop().await;
     let events = read_all(&env.nats.js, EVENTS_STREAM).await?;
     let dlq = read_all(&env.nats.js, DLQ_STREAM)
@@ -982,14 +1323,26 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
             Ok((r, d))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let logs = Logs { events, dlq };
-    analyse(row, &published, &logs);
+    let logs = Logs {
+        events,
+        dlq,
+        step_runs: read_step_runs(&env.path().join("marks").join("steps.log"))?,
+    };
+    // A step whose outcome was never written may run again (at-least-once delivery): when its
+    // worker died or stopped mid-step, or the broker died before the outcome was stored. A run
+    // under a healthy worker (never killed or stopped) must be the only one. (A step process
+    // orphaned by a killed worker reports its new parent, never a worker's pid.)
+    let rerun_excused = |worker: u32| fault == Fault::KillBroker || !healthy.contains(&worker);
+    analyse(row, &published, &logs, &rerun_excused);
     row.recovery = recovery(fault, &injected, &published, &logs, env.settings.partitions);
     if row.recovery.is_none() {
         row.problems
             .push("no recovery observed after the fault".into());
     }
-    row.note = injected.note;
+    if !row.note.is_empty() && !injected.note.is_empty() {
+        row.note.push_str("; ");
+    }
+    row.note.push_str(&injected.note);
     if let Some((_, error)) = published.refused.first() {
         // e.g. "publish failed: maximum bytes exceeded (code 503, error code 10077): ..."
         let reason = error.split(" (code").next().unwrap_or(error);
@@ -1030,6 +1383,10 @@ async fn settle(env: &TestEnv, published: &Published, deadline: Duration) -> any
             Kind::Malformed | Kind::Oversized => {
                 ingest.insert(s.seq);
             }
+            // The instance's end (`events.workflow.wf<n>.completed|failed`).
+            Kind::Workflow { .. } => {
+                remaining.insert((format!("wf{}", s.planned.n), "workflow"));
+            }
         }
     }
     let until = Instant::now() + deadline;
@@ -1039,6 +1396,13 @@ async fn settle(env: &TestEnv, published: &Published, deadline: Duration) -> any
     let waited = watch
         .wait_until(deadline, |seen| {
             for e in &seen[read..] {
+                if e.subject.starts_with("events.workflow.")
+                    && matches!(e.event_type(), "completed" | "failed" | "cancelled")
+                {
+                    let instance = e.subject.split('.').nth(2).unwrap_or_default();
+                    remaining.retain(|(id, h)| !(id == instance && *h == "workflow"));
+                    continue;
+                }
                 let terminal = match e.event_type() {
                     "handler_succeeded" => true,
                     "handler_failed" => e.data()["dead_lettered"] == true,
@@ -1110,21 +1474,35 @@ async fn inject(
         Fault::KillWorker => {
             injected.victim_partitions = victim_partitions(leases(env).await?);
             injected.victims.insert(victim.to_string());
+            injected.victim_pids.insert(cluster.worker_pid(victim));
             injected.at = Some(SystemTime::now());
             cluster.kill_worker(victim);
             cluster.start_worker(env)?;
+        }
+        Fault::KillCoordinator => {
+            injected.at = Some(SystemTime::now());
+            if let Some(mut c) = cluster.coordinator.take() {
+                c.kill();
+            }
+            // Restarted at once; it takes the partitions over when the dead one's leases lapse.
+            cluster.start_coordinator(env)?;
         }
         Fault::KillAll => {
             injected.at = Some(SystemTime::now());
             if let Some(mut l) = cluster.listener.take() {
                 l.kill();
             }
+            if let Some(mut c) = cluster.coordinator.take() {
+                c.kill();
+            }
             let ids: Vec<String> = cluster.workers.iter().map(|(w, _)| w.clone()).collect();
             for id in &ids {
+                injected.victim_pids.insert(cluster.worker_pid(id));
                 cluster.kill_worker(id);
             }
             injected.victims.extend(ids);
             cluster.start_listener(env)?;
+            cluster.start_coordinator(env)?;
             cluster.start_worker(env)?;
             cluster.start_worker(env)?;
         }
@@ -1141,6 +1519,7 @@ async fn inject(
             injected.victim_partitions = victim_partitions(leases(env).await?);
             injected.victims.insert(victim.to_string());
             let pid = cluster.worker_pid(victim);
+            injected.victim_pids.insert(pid);
             let at = SystemTime::now();
             injected.at = Some(at);
             signal(pid, "STOP");
@@ -1175,6 +1554,7 @@ async fn inject(
         }
         Fault::StopOnlyWorker => {
             let pid = cluster.worker_pid(victim);
+            injected.victim_pids.insert(pid);
             injected.at = Some(SystemTime::now());
             signal(pid, "STOP");
             let stopped = Instant::now();
@@ -1316,14 +1696,18 @@ fn recovery(
                     partitions,
                 ))
         }),
-        // The first outcome of an event appended after the kill, by a restarted worker: the
-        // whole pipeline is back.
-        Fault::KillAll => first_outcome_after(logs, at, |r| {
-            !injected.victims.contains(&r.str_field("worker"))
-                && stored
-                    .get(r.str_field("event_id").as_str())
-                    .is_some_and(|t| *t > at)
-        }),
+        Fault::KillCoordinator => first_transition_after(logs, at, &stored),
+        // The first outcome of an event appended after the kill, by a restarted worker, and the
+        // first transition caused by such an event: the whole pipeline is back.
+        Fault::KillAll => {
+            let outcome = first_outcome_after(logs, at, |r| {
+                !injected.victims.contains(&r.str_field("worker"))
+                    && stored
+                        .get(r.str_field("event_id").as_str())
+                        .is_some_and(|t| *t > at)
+            })?;
+            Some(outcome.max(first_transition_after(logs, at, &stored)?))
+        }
         Fault::StorageFull | Fault::TasksFull => first_outcome_after(logs, at, |_| true),
         // Longest time from the start of a failed (or hung) first attempt to the event's success.
         Fault::HandlerFaults => {
@@ -1380,12 +1764,12 @@ fn print_table(rows: &[Row], profile: Profile) {
         profile.burst as f64 / profile.tick.as_secs_f64()
     );
     out.push_str(&format!(
-        "| {:<34} | {:>5} | {:>7} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
-        "fault", "sent", "handled", "in DLQ", "lost", "duplicated", "recovery", "note"
+        "| {:<34} | {:>5} | {:>7} | {:>9} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
+        "fault", "sent", "handled", "workflows", "in DLQ", "lost", "duplicated", "recovery", "note"
     ));
     out.push_str(&format!(
-        "|{:-<36}|{:->7}|{:->9}|{:->8}|{:->6}|{:->12}|{:->10}|------|\n",
-        "", "", "", "", "", "", ""
+        "|{:-<36}|{:->7}|{:->9}|{:->11}|{:->8}|{:->6}|{:->12}|{:->10}|------|\n",
+        "", "", "", "", "", "", "", ""
     ));
     for r in rows {
         let recovery = r
@@ -1393,8 +1777,16 @@ fn print_table(rows: &[Row], profile: Profile) {
             .map(|d| format!("{:.2}s", d.as_secs_f64()))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "| {:<34} | {:>5} | {:>7} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
-            r.fault, r.sent, r.handled, r.in_dlq, r.lost, r.duplicated, recovery, r.note
+            "| {:<34} | {:>5} | {:>7} | {:>9} | {:>6} | {:>4} | {:>10} | {:>8} | {} |\n",
+            r.fault,
+            r.sent,
+            r.handled,
+            r.workflows,
+            r.in_dlq,
+            r.lost,
+            r.duplicated,
+            recovery,
+            r.note
         ));
     }
     eprintln!("{out}");
@@ -1408,7 +1800,7 @@ fn print_table(rows: &[Row], profile: Profile) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_promise_holds_under_every_fault() -> anyhow::Result<()> {
     let profile = profile();
-    for bin in ["grizzly-listener", "grizzly-worker"] {
+    for bin in ["grizzly-listener", "grizzly-worker", "grizzly-coordinator"] {
         ensure!(
             grizzly_tests::bin_path(bin).is_file(),
             "{bin} is missing: run `cargo build --workspace --bins` first"
@@ -1418,6 +1810,7 @@ async fn every_promise_holds_under_every_fault() -> anyhow::Result<()> {
     let faults = [
         Fault::KillListener,
         Fault::KillWorker,
+        Fault::KillCoordinator,
         Fault::KillAll,
         Fault::KillBroker,
         Fault::StopWorker,
