@@ -62,6 +62,18 @@ impl TurnContext {
     }
 }
 
+/// Appends one JSON line for the worker (best effort: logged when it cannot be written).
+fn record_line(path: &Path, line: &Value) {
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = appended {
+        tracing::warn!(error = %e, "cannot record the emission for the worker");
+    }
+}
+
 /// Arguments of `emit_event`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,34 +191,47 @@ impl EmitServer {
             .map(|c| c.nats_url.clone())
             .or_else(|| std::env::var(NATS_URL_ENV).ok())
             .unwrap_or_else(|| grizzly_shared::Settings::default().nats_url);
-        let nats = self
-            .nats
-            .get_or_try_init(|| nats::connect(&url, "grizzly-mcp", false))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Connecting and the confirmed publish share one deadline: a broker that is down for a
+        // moment (restarting) is waited for, not reported as a failure at once.
         let subject = subject.to_string();
         let publish = PublishMessage::build()
             .payload(envelope.to_json_bytes())
             .headers(envelope.headers());
-        let ack = tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            publish_confirmed(&nats.js, &subject, publish, None),
-        )
+        let appended = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            // Returns at once and connects in the background until it succeeds.
+            let nats = self
+                .nats
+                .get_or_try_init(|| nats::connect(&url, "grizzly-mcp", true))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(publish_confirmed(&nats.js, &subject, publish, None).await)
+        })
         .await
-        .map_err(|_| format!("the broker did not confirm the event within {PUBLISH_TIMEOUT:?}"))?;
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the broker did not confirm the event within {PUBLISH_TIMEOUT:?}"
+            ))
+        });
+        let ack = match appended {
+            Ok(ack) => ack,
+            Err(error) => {
+                // The turn must not pass for done with an effect missing: the worker fails the
+                // attempt when it finds this line, and the retried turn emits again (same ids).
+                if let Some(c) = &ctx {
+                    record_line(
+                        &c.emitted_file,
+                        &json!({"error": error, "subject": subject}),
+                    );
+                }
+                return Err(error);
+            }
+        };
         let record =
             json!({"id": envelope.id, "subject": subject, "stream_sequence": ack.sequence});
         tracing::info!(%subject, id = %envelope.id, seq = ack.sequence, "event emitted");
         if let Some(c) = &ctx {
-            // Best effort: the event is already durable; this only feeds the outcome's `emitted`.
-            let appended = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&c.emitted_file)
-                .and_then(|mut f| writeln!(f, "{record}"));
-            if let Err(e) = appended {
-                tracing::warn!(error = %e, "cannot record the emitted event for the outcome");
-            }
+            // The event is already durable; this feeds the outcome's `emitted`.
+            record_line(&c.emitted_file, &record);
         }
         Ok(record.to_string())
     }

@@ -142,7 +142,22 @@ impl ClaudeRuntime {
             self.finish(lease, After::Clear).await;
             return Err(InvokeError::Failed(error_text(&result)));
         }
-        let emitted = lease.instance.emitted();
+        let (emitted, failed): (Vec<Value>, Vec<Value>) = lease
+            .instance
+            .emitted()
+            .into_iter()
+            .partition(|e| e.get("error").is_none());
+        if let Some(f) = failed.first() {
+            // An event the agent meant to append is not in the log: this turn is not done.
+            // The retry emits again; what did get in has the same ids and is dropped as a
+            // duplicate.
+            self.finish(lease, After::Clear).await;
+            return Err(InvokeError::Failed(format!(
+                "emit_event of {} failed during the turn: {}",
+                f["subject"].as_str().unwrap_or("an event"),
+                f["error"].as_str().unwrap_or("unknown error")
+            )));
+        }
         let mut details = serde_json::Map::new();
         for key in ["usage", "total_cost_usd", "session_id", "num_turns"] {
             details.insert(key.into(), result[key].clone());
