@@ -499,9 +499,20 @@ impl Listener {
                 return;
             }
         };
+        if publishes.is_empty() {
+            // Nothing to write (e.g. an outcome event no handler listens to — half of what the
+            // listener sees under load): ack at once instead of queueing a confirmation.
+            if ack && let Err(e) = msg.ack().await {
+                warn!(error = %e, "ack of unrouted event failed; it will be redelivered");
+            }
+            return;
+        }
         // events.<type>.<id>.<event>: tasks are ordered per aggregate (dead letters need no order).
-        let aggregate = match msg.subject.split('.').collect::<Vec<_>>()[..] {
-            [_, t, i, _] if !publishes.is_empty() => Some(format!("{t}/{i}")),
+        let mut tokens = msg.subject.split('.');
+        let aggregate = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+            (Some(_), Some(t), Some(i), Some(_)) if tokens.next().is_none() => {
+                Some(format!("{t}/{i}"))
+            }
             _ => None,
         };
         let (tail, done, previous) = match aggregate {

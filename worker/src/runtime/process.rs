@@ -56,12 +56,13 @@ impl ProcessInstance {
         })
     }
 
-    /// One request/reply exchange.
-    async fn turn(&mut self, request: &[u8]) -> Result<HandlerResult, InvokeError> {
+    /// One request/reply exchange. `line` is the request with its terminating newline, written
+    /// in one call: the pipe is unbuffered, so each write is a system call and may wake the
+    /// process once more (a line-at-a-time reader such as `sed -u` reads it byte by byte).
+    async fn turn(&mut self, line: &[u8]) -> Result<HandlerResult, InvokeError> {
         self.turns += 1;
         let write = async {
-            self.stdin.write_all(request).await?;
-            self.stdin.write_all(b"\n").await?;
+            self.stdin.write_all(line).await?;
             self.stdin.flush().await
         };
         if let Err(e) = write.await {
@@ -161,9 +162,10 @@ impl Runtime for ProcessRuntime {
     ) -> BoxFuture<'a, Result<HandlerResult, InvokeError>> {
         Box::pin(async move {
             let mut lease = self.pool.checkout(None).await.map_err(InvokeError::Start)?;
-            let request = invocation.request();
+            let mut line = invocation.request();
+            line.push(b'\n');
             let outcome =
-                tokio::time::timeout(invocation.timeout, lease.instance.turn(&request)).await;
+                tokio::time::timeout(invocation.timeout, lease.instance.turn(&line)).await;
             let (result, healthy) = match outcome {
                 Ok(Ok(r)) => (Ok(r), true),
                 // A handler-reported error leaves the process in a clean state.
