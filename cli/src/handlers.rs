@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use grizzly_shared::Settings;
-use grizzly_shared::flowspec::settings_problems;
-use grizzly_shared::handler::{LoadedHandler, load_handlers, locate_error, parse_handler};
+use grizzly_shared::handler::{LoadedHandler, load_handlers, parse_handler};
 use grizzly_shared::nats::{Nats, TASKS_STREAM};
 use grizzly_shared::registry::{HandlerRegistry, Registered, VersionState};
 use grizzly_shared::subject::task_filter;
@@ -112,72 +111,35 @@ pub async fn run(settings: &Settings, cmd: HandlerCommand) -> anyhow::Result<Exi
     if paths.is_empty() {
         paths.push(settings.handlers_dir.clone());
     }
-    let mut problems = 0;
-    let mut ok = 0;
-    for path in paths {
-        let result = if path.is_dir() {
-            load_handlers(&path).map_err(|e| e.0)
-        } else {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => parse_handler(&path, &text).map(|h| vec![h]),
-                Err(e) => {
-                    eprintln!("{}: cannot read: {e}", path.display());
-                    problems += 1;
-                    continue;
-                }
-            }
-        };
-        // Checks against this deployment's settings (a batch must close before `ack_wait`).
-        let result = result.and_then(|handlers| {
-            let errors: Vec<_> = handlers
-                .iter()
-                .flat_map(|h| {
-                    let text = std::fs::read_to_string(&h.path).unwrap_or_default();
-                    settings_problems(&h.spec, settings.worker.ack_wait)
-                        .into_iter()
-                        .map(move |m| locate_error(&h.path, &text, m))
-                })
-                .collect();
-            if errors.is_empty() {
-                Ok(handlers.len())
-            } else {
-                Err(errors)
-            }
-        });
-        match result {
-            Ok(n) => ok += n,
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{e}");
-                }
-                problems += errors.len();
-            }
-        }
+    let (handlers, mut problems) = load_paths(&paths);
+    // Checks against this deployment's settings (a batch must close before `ack_wait`).
+    for e in handlers
+        .iter()
+        .flat_map(|h| h.settings_errors(settings.worker.ack_wait))
+    {
+        eprintln!("{e}");
+        problems += 1;
     }
     if problems > 0 {
         eprintln!("{problems} problem(s)");
         return Ok(ExitCode::FAILURE);
     }
+    let ok = handlers.len();
     println!("{ok} handler(s) valid");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn open(settings: &Settings) -> anyhow::Result<(Nats, HandlerRegistry)> {
-    let nats = grizzly_shared::nats::connect(&settings.nats_url, "grizzly-handler", false).await?;
-    let registry = HandlerRegistry::open(&nats.js, settings.streams.replicas).await?;
-    Ok((nats, registry))
-}
-
-/// Validates every file first; registers only when all are valid.
-async fn register(settings: &Settings, paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
-    let mut handlers: Vec<LoadedHandler> = Vec::new();
+/// Loads handler files and directories of them; prints every problem (file:line:column) and
+/// returns what loaded with the number of problems.
+fn load_paths(paths: &[PathBuf]) -> (Vec<LoadedHandler>, usize) {
+    let mut handlers = Vec::new();
     let mut problems = 0;
     for path in paths {
         let loaded = if path.is_dir() {
-            load_handlers(&path).map_err(|e| e.0)
+            load_handlers(path).map_err(|e| e.0)
         } else {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => parse_handler(&path, &text).map(|h| vec![h]),
+            match std::fs::read_to_string(path) {
+                Ok(text) => parse_handler(path, &text).map(|h| vec![h]),
                 Err(e) => {
                     eprintln!("{}: cannot read: {e}", path.display());
                     problems += 1;
@@ -195,6 +157,18 @@ async fn register(settings: &Settings, paths: Vec<PathBuf>) -> anyhow::Result<Ex
             }
         }
     }
+    (handlers, problems)
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<(Nats, HandlerRegistry)> {
+    let nats = grizzly_shared::nats::connect(&settings.nats_url, "grizzly-handler", false).await?;
+    let registry = HandlerRegistry::open(&nats.js, settings.streams.replicas).await?;
+    Ok((nats, registry))
+}
+
+/// Validates every file first; registers only when all are valid.
+async fn register(settings: &Settings, paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (handlers, problems) = load_paths(&paths);
     if problems > 0 {
         eprintln!("{problems} problem(s); nothing registered");
         return Ok(ExitCode::FAILURE);

@@ -472,6 +472,17 @@ pub struct LoadedHandler {
     pub source: String,
 }
 
+impl LoadedHandler {
+    /// Problems that depend on the deployment's settings (see
+    /// [`crate::flowspec::settings_problems`]), placed in the file like any other.
+    pub fn settings_errors(&self, ack_wait: std::time::Duration) -> Vec<HandlerFileError> {
+        crate::flowspec::settings_problems(&self.spec, ack_wait)
+            .into_iter()
+            .map(|m| locate_error(&self.path, &self.source, m))
+            .collect()
+    }
+}
+
 /// Parses and validates one handler file's text.
 pub fn parse_handler(path: &Path, text: &str) -> Result<LoadedHandler, Vec<HandlerFileError>> {
     let spec: HandlerSpec = serde_saphyr::from_str(text).map_err(|e| {

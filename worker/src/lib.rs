@@ -77,14 +77,8 @@ impl Worker {
         // A batch must close well before the broker would redeliver its tasks.
         let problems: Vec<String> = handlers
             .iter()
-            .flat_map(|h| {
-                let text = h.source.clone();
-                grizzly_shared::flowspec::settings_problems(&h.spec, settings.worker.ack_wait)
-                    .into_iter()
-                    .map(move |m| {
-                        grizzly_shared::handler::locate_error(&h.path, &text, m).to_string()
-                    })
-            })
+            .flat_map(|h| h.settings_errors(settings.worker.ack_wait))
+            .map(|e| e.to_string())
             .collect();
         if !problems.is_empty() {
             anyhow::bail!("{}", problems.join("\n"));
