@@ -160,17 +160,10 @@ impl Bench {
         }
     }
 
-    /// Publishes `n` events on `subject_for(i)`, keeping at most `in_flight` without an outcome
-    /// (closed loop: `in_flight = n` is a burst), waits for the `n` outcomes of `handler`, and
-    /// measures each event's published → outcome latency from the broker's timestamps.
-    async fn run_batch(
+    /// The sequence the next event will get, and a reader of the log from there on.
+    async fn read_log_from_next(
         &self,
-        handler: &str,
-        n: usize,
-        in_flight: usize,
-        subject_for: impl Fn(usize) -> String,
-        deadline: Duration,
-    ) -> anyhow::Result<Measured> {
+    ) -> anyhow::Result<(u64, jetstream::consumer::pull::Ordered)> {
         let stream = self.nats.js.get_stream(EVENTS_STREAM).await?;
         let start_seq = stream.get_info().await?.state.last_sequence + 1;
         let consumer = stream
@@ -182,7 +175,21 @@ impl Bench {
                 ..Default::default()
             })
             .await?;
-        let mut messages = consumer.messages().await?;
+        Ok((start_seq, consumer.messages().await?))
+    }
+
+    /// Publishes `n` events on `subject_for(i)`, keeping at most `in_flight` without an outcome
+    /// (closed loop: `in_flight = n` is a burst), waits for the `n` outcomes of `handler`, and
+    /// measures each event's published → outcome latency from the broker's timestamps.
+    async fn run_batch(
+        &self,
+        handler: &str,
+        n: usize,
+        in_flight: usize,
+        subject_for: impl Fn(usize) -> String,
+        deadline: Duration,
+    ) -> anyhow::Result<Measured> {
+        let (start_seq, mut messages) = self.read_log_from_next().await?;
         let publish = |i: usize| {
             let msg = PublishMessage::build()
                 .payload(json!({"i": i}).to_string().into())
@@ -806,18 +813,7 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         deadline: Duration,
     ) -> anyhow::Result<Outcomes> {
-        let stream = self.nats.js.get_stream(EVENTS_STREAM).await?;
-        let start_seq = stream.get_info().await?.state.last_sequence + 1;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: "events.>".into(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start_seq,
-                },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
+        let (start_seq, mut messages) = self.read_log_from_next().await?;
         publish_all(
             &self.nats.js,
             (0..n).map(|i| {
