@@ -101,9 +101,9 @@ fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
 
 /// `url` without the credentials it may carry (`nats://user:password@host`), for messages.
 pub fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
-        _ => url.to_string(),
+    match split_credentials(url) {
+        (address, Some(_)) => address.replacen("://", "://***@", 1),
+        (address, None) => address,
     }
 }
 
