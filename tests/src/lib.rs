@@ -153,6 +153,24 @@ impl TestEnv {
         Ok(spawn(|stop| listener.run(stop)))
     }
 
+    pub async fn start_coordinator(&self) -> anyhow::Result<Component> {
+        let nats = nats::connect(&self.settings.nats_url, "test-coordinator", false).await?;
+        let coordinator = grizzly_coordinator::Coordinator::new(nats, self.settings.clone());
+        Ok(spawn(|stop| coordinator.run(stop)))
+    }
+
+    /// The `grizzly` CLI against this environment (broker, handler and workflow directories).
+    /// Async on purpose: the components under test run on the test's runtime, which a blocking
+    /// wait for the CLI would stall.
+    pub fn grizzly(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(bin_path("grizzly"));
+        cmd.args(["--nats-url", &self.settings.nats_url])
+            .env("GRIZZLY_HANDLERS_DIR", &self.settings.handlers_dir)
+            .env("GRIZZLY_WORKFLOWS_DIR", &self.settings.workflows_dir)
+            .kill_on_drop(true);
+        cmd
+    }
+
     pub async fn start_worker(&self) -> anyhow::Result<Component> {
         self.start_worker_with(self.settings.clone()).await
     }

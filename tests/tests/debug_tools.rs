@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use grizzly_tests::{Component, LoggedEvent, TestEnv, bin_path};
+use grizzly_tests::{LoggedEvent, TestEnv};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -45,31 +44,11 @@ impl Run {
 
 /// Runs the real `grizzly` binary without blocking the runtime that hosts the components.
 async fn grizzly(env: &TestEnv, args: &[&str]) -> anyhow::Result<Run> {
-    let out = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(bin_path("grizzly"))
-            .args(["--nats-url", &env.settings.nats_url])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await??;
+    let out = tokio::time::timeout(DEADLINE, env.grizzly().args(args).output()).await??;
     Ok(Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
-
-async fn start_coordinator(env: &TestEnv) -> anyhow::Result<Component> {
-    let nats =
-        grizzly_shared::nats::connect(&env.settings.nats_url, "test-coordinator", false).await?;
-    let coordinator = grizzly_coordinator::Coordinator::new(nats, env.settings.clone());
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(coordinator.run(stop.clone()));
-    Ok(Component {
-        stop,
-        handle: Some(handle),
     })
 }
 
@@ -140,7 +119,7 @@ async fn replay_and_trace_a_recorded_run() -> anyhow::Result<()> {
     std::fs::write(env.settings.workflows_dir.join("tiny.yaml"), WORKFLOW)?;
     let _listener = env.start_listener().await?;
     let _worker = env.start_worker().await?;
-    let _coordinator = start_coordinator(&env).await?;
+    let _coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
 
     // The recorded run: each ping is handled before the next one, so the log order is known.

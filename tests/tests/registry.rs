@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use grizzly_tests::{TestEnv, bin_path};
+use grizzly_tests::TestEnv;
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -33,9 +33,8 @@ fn handler_yaml(script: &Path, version: u32) -> String {
 /// Runs the CLI without blocking the test's runtime (the components under test run on it).
 /// Returns (success, stdout, stdout + stderr).
 async fn grizzly(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin_path("grizzly"))
-        .args(["--nats-url", &env.settings.nats_url])
-        .env("GRIZZLY_HANDLERS_DIR", &env.settings.handlers_dir)
+    let out = env
+        .grizzly()
         .args(args)
         .output()
         .await
@@ -140,25 +139,9 @@ async fn two_versions_live_then_v1_retired_in_flight_work_finishes_on_v1() -> an
     assert!(row(2)["health"].as_str().unwrap().starts_with("healthy"));
 
     // Retire v1 while its job still runs: it drains and waits for the job.
-    let retire = {
-        let url = env.settings.nats_url.clone();
-        let dir = env.settings.handlers_dir.clone();
-        tokio::spawn(async move {
-            tokio::process::Command::new(bin_path("grizzly"))
-                .args([
-                    "--nats-url",
-                    &url,
-                    "handler",
-                    "retire",
-                    "step",
-                    "--version",
-                    "1",
-                ])
-                .env("GRIZZLY_HANDLERS_DIR", dir)
-                .output()
-                .await
-        })
-    };
+    let mut retire = env.grizzly();
+    retire.args(["handler", "retire", "step", "--version", "1"]);
+    let retire = tokio::spawn(async move { retire.output().await });
     // Draining is visible while the job is held.
     let mut draining = false;
     for _ in 0..100 {

@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use grizzly_tests::{ChildProcess, Component, EventWatcher, LoggedEvent, TestEnv, bin_path};
+use grizzly_tests::{ChildProcess, EventWatcher, LoggedEvent, TestEnv};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -86,18 +85,6 @@ fn install_examples(env: &TestEnv) -> PathBuf {
         }
     }
     log
-}
-
-async fn start_coordinator(env: &TestEnv) -> anyhow::Result<Component> {
-    let nats =
-        grizzly_shared::nats::connect(&env.settings.nats_url, "test-coordinator", false).await?;
-    let coordinator = grizzly_coordinator::Coordinator::new(nats, env.settings.clone());
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(coordinator.run(stop.clone()));
-    Ok(Component {
-        stop,
-        handle: Some(handle),
-    })
 }
 
 async fn emit(env: &TestEnv, subject: &str, data: Value) -> anyhow::Result<()> {
@@ -185,7 +172,7 @@ async fn the_example_workflows_run_end_to_end() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let log = install_examples(&env);
     let _worker = env.start_worker().await?;
-    let _coordinator = start_coordinator(&env).await?;
+    let _coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
 
     // Code review: parallel reviewers, a clean verdict, then the approval gate.
@@ -393,7 +380,7 @@ async fn each_construct_runs_as_specified() -> anyhow::Result<()> {
         "name: timeouts\ndo:\n  - id: slow\n    call: step\n    with: { sleep_ms: 5000 }\n    timeout: 300ms\n    retry: { max_attempts: 1 }\n",
     );
     let _worker = env.start_worker().await?;
-    let _coordinator = start_coordinator(&env).await?;
+    let _coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
     start(&env, "constructs", "c-1", json!({"n": 2})).await?;
     start(&env, "timeouts", "t-1", json!({})).await?;
@@ -462,12 +449,8 @@ async fn each_construct_runs_as_specified() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the CLI without blocking the test's runtime: the coordinator under test runs on it.
 async fn grizzly(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(bin_path("grizzly"))
-        .args(["--nats-url", &env.settings.nats_url])
-        .env("GRIZZLY_HANDLERS_DIR", &env.settings.handlers_dir)
-        .env("GRIZZLY_WORKFLOWS_DIR", &env.settings.workflows_dir)
+    env.grizzly()
         .args(args)
         .output()
         .await
@@ -493,7 +476,7 @@ async fn suspend_resume_cancel_work_from_the_cli_and_illegal_transitions_are_ref
         "name: gate\ndo:\n  - id: hold\n    wait: { event: events.gate.*.open, correlate: { aggregate: \"${ input.key }\" } }\n  - id: after\n    call: step\n",
     );
     let _worker = env.start_worker().await?;
-    let _coordinator = start_coordinator(&env).await?;
+    let _coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
 
     let out = grizzly(
@@ -606,7 +589,7 @@ async fn a_new_version_does_not_change_running_instances() -> anyhow::Result<()>
     let v1 = "name: flow\nversion: 1\ndo:\n  - id: hold\n    wait: { event: events.gate.*.open }\n  - id: v1_step\n    call: step\n";
     write_workflow(&env, "flow.yaml", v1);
     let _worker = env.start_worker().await?;
-    let coordinator = start_coordinator(&env).await?;
+    let coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
     start(&env, "flow", "old", json!({})).await?;
     w.wait_until(DEADLINE, |s| !of(s, "old", "waiting").is_empty())
@@ -618,7 +601,7 @@ async fn a_new_version_does_not_change_running_instances() -> anyhow::Result<()>
         "flow.yaml",
         "name: flow\nversion: 2\ndo:\n  - id: v2_step\n    call: step\n",
     );
-    let _coordinator = start_coordinator(&env).await?;
+    let _coordinator = env.start_coordinator().await?;
     start(&env, "flow", "new", json!({})).await?;
     let new = wait_end(&mut w, "new").await?;
     assert_eq!(new.event_type(), "completed");
