@@ -506,25 +506,20 @@ impl<'c> Exec<'c, '_> {
         }
         match input {
             Input::Request { transition, reason } => self.request(transition, reason),
+            // A step's handler outcome or a sub-workflow's end: both finish an in-flight part.
             Input::Outcome {
-                event_id,
+                event_id: key,
                 ok,
                 output,
                 error,
-            } => {
-                let Some(part) = self.st.inflight.remove(&event_id) else {
-                    return;
-                };
-                self.finish_part(part, ok, output, error);
-                self.proceed();
             }
-            Input::Child {
-                child,
+            | Input::Child {
+                child: key,
                 ok,
                 output,
                 error,
             } => {
-                let Some(part) = self.st.inflight.remove(&child) else {
+                let Some(part) = self.st.inflight.remove(&key) else {
                     return;
                 };
                 self.finish_part(part, ok, output, error);
