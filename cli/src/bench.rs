@@ -160,15 +160,16 @@ impl Bench {
         }
     }
 
-    /// The sequence the next event will get, and a reader of the log from there on.
+    /// The sequence the next event will get, and a reader of the log's `subjects` from there on.
     async fn read_log_from_next(
         &self,
+        subjects: &[&str],
     ) -> anyhow::Result<(u64, jetstream::consumer::pull::Ordered)> {
         let stream = self.nats.js.get_stream(EVENTS_STREAM).await?;
         let start_seq = stream.get_info().await?.state.last_sequence + 1;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
-                filter_subject: "events.>".into(),
+                filter_subjects: subjects.iter().map(|s| s.to_string()).collect(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: start_seq,
                 },
@@ -180,7 +181,7 @@ impl Bench {
 
     /// Publishes `n` events on `subject_for(i)`, keeping at most `in_flight` without an outcome
     /// (closed loop: `in_flight = n` is a burst), waits for the `n` outcomes of `handler`, and
-    /// measures each event's published → outcome latency from the broker's timestamps.
+    /// measures each event's published → outcome latency.
     async fn run_batch(
         &self,
         handler: &str,
@@ -189,21 +190,51 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         deadline: Duration,
     ) -> anyhow::Result<Measured> {
-        let (start_seq, mut messages) = self.read_log_from_next().await?;
-        let publish = |i: usize| {
+        Ok(self
+            .run_batch_with_dispatch(handler, n, in_flight, subject_for, deadline)
+            .await?
+            .0)
+    }
+
+    /// [`Bench::run_batch`], plus each event's dispatch latency: event stored → the handler
+    /// process has it, for handlers that answer with the event's `time` (for an event published
+    /// without a CloudEvents time, the broker's timestamp) and their receipt time `t` (Unix
+    /// seconds) in `output`.
+    ///
+    /// Only outcome events are read back (a reader of every event would double the bench's own
+    /// load, which the raw baseline does not carry). Latency runs from the moment an event is
+    /// handed to the client (the broker's timestamp is not read back) to its outcome's broker
+    /// timestamp.
+    async fn run_batch_with_dispatch(
+        &self,
+        handler: &str,
+        n: usize,
+        in_flight: usize,
+        subject_for: impl Fn(usize) -> String,
+        deadline: Duration,
+    ) -> anyhow::Result<(Measured, Vec<f64>)> {
+        let (start_seq, mut messages) = self
+            .read_log_from_next(&["events.*.*.handler_succeeded", "events.*.*.handler_failed"])
+            .await?;
+        let id = |i: usize| format!("bench-{handler}-{i}-{start_seq}");
+        let mut published: HashMap<String, time::OffsetDateTime> = HashMap::with_capacity(n);
+        let publish = |i: usize, published: &mut HashMap<_, _>| {
+            published.insert(id(i), time::OffsetDateTime::now_utc());
             let msg = PublishMessage::build()
                 .payload(json!({"i": i}).to_string().into())
-                .message_id(format!("bench-{handler}-{i}-{start_seq}"));
+                .message_id(id(i));
             (subject_for(i), msg)
         };
         let first_wave = in_flight.min(n);
-        publish_all(&self.nats.js, (0..first_wave).map(&publish)).await?;
+        let started = time::OffsetDateTime::now_utc();
+        let wave: Vec<_> = (0..first_wave)
+            .map(|i| publish(i, &mut published))
+            .collect();
+        publish_all(&self.nats.js, wave.into_iter()).await?;
         let mut sent = first_wave;
-        let mut published: HashMap<String, time::OffsetDateTime> = HashMap::new();
         let mut latencies = Vec::with_capacity(n);
-        let mut first: Option<time::OffsetDateTime> = None;
-        let mut last: Option<time::OffsetDateTime> = None;
-        let mut pending_outcomes: Vec<(String, time::OffsetDateTime)> = Vec::new();
+        let mut last = started;
+        let mut dispatch = Vec::new();
         let until = tokio::time::Instant::now() + deadline;
         while latencies.len() < n {
             let msg = tokio::time::timeout_at(until, messages.next())
@@ -215,45 +246,40 @@ impl Bench {
                     )
                 })?
                 .context("log ended")??;
-            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let at = info.published;
+            let at = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?.published;
             let body: Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            if msg.subject.ends_with(".handler_succeeded") && body["data"]["handler"] == handler {
-                pending_outcomes.push((
-                    body["data"]["event_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    at,
-                ));
-                last = Some(at);
-                if sent < n {
-                    publish_all(&self.nats.js, std::iter::once(publish(sent))).await?;
-                    sent += 1;
-                }
-            } else if msg.subject.ends_with(".handler_failed") && body["data"]["handler"] == handler
-            {
-                anyhow::bail!(
-                    "{handler} failed during the bench: {}",
-                    body["data"]["error"]
-                );
-            } else if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
-                published.insert(id.to_string(), at);
-                first = Some(first.map_or(at, |f| f.min(at)));
+            let data = &body["data"];
+            if data["handler"] != handler {
+                continue;
             }
-            pending_outcomes.retain(|(cause, done)| match published.get(cause) {
-                Some(p) => {
-                    latencies.push((*done - *p).as_seconds_f64() * 1000.0);
-                    false
-                }
-                None => true,
-            });
+            if msg.subject.ends_with(".handler_failed") {
+                anyhow::bail!("{handler} failed during the bench: {}", data["error"]);
+            }
+            let Some(sent_at) = data["event_id"].as_str().and_then(|e| published.get(e)) else {
+                continue;
+            };
+            latencies.push((at - *sent_at).as_seconds_f64() * 1000.0);
+            last = last.max(at);
+            let output = &data["output"];
+            if let (Some(t), Some(stored)) = (
+                output["t"].as_f64(),
+                output["time"].as_str().and_then(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                }),
+            ) {
+                dispatch.push((t - stored.unix_timestamp_nanos() as f64 / 1e9) * 1000.0);
+            }
+            if sent < n {
+                let next = publish(sent, &mut published);
+                publish_all(&self.nats.js, std::iter::once(next)).await?;
+                sent += 1;
+            }
         }
-        let span = match (first, last) {
-            (Some(f), Some(l)) => (l - f).as_seconds_f64(),
-            _ => 0.0,
-        };
-        Ok(Measured::new(latencies, span))
+        Ok((
+            Measured::new(latencies, (last - started).as_seconds_f64()),
+            dispatch,
+        ))
     }
 }
 
@@ -586,12 +612,56 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
     Ok((figures[0].clone(), figures[1].clone()))
 }
 
+/// Raw JetStream, one message at a time: publish, a pull consumer receives it (latency from the
+/// broker's stored timestamp to receipt, as for [`Bench::run_batch_with_dispatch`]), ack.
+async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> {
+    let _ = js.delete_stream("BENCH_HOP").await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: "BENCH_HOP".into(),
+            subjects: vec!["bench_hop.>".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bench-hop".into()),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let ack = js.publish(format!("bench_hop.{i}"), "x".into()).await?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .context("raw hop: no delivery within 10 s")?
+            .context("ended")??;
+        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        latencies
+            .push((time::OffsetDateTime::now_utc() - info.published).as_seconds_f64() * 1000.0);
+        msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        ack.await?;
+    }
+    js.delete_stream("BENCH_HOP").await?;
+    Ok(Measured::new(latencies, started.elapsed().as_secs_f64()))
+}
+
 /// One broker mode of [`throughput`].
 struct ModeFigures {
     sync_always: bool,
     raw: Measured,
     relay: Measured,
     full: Measured,
+    /// One event at a time: stored → a raw pull consumer has it.
+    hop: Measured,
+    /// One event at a time: stored → the handler process has it (listener, task, worker).
+    dispatch: Measured,
+    /// One event at a time: stored → its outcome stored.
+    at_rest: Measured,
 }
 
 impl ModeFigures {
@@ -608,6 +678,9 @@ impl ModeFigures {
     fn full_over_relay(&self) -> f64 {
         self.full.events_per_s / self.relay.events_per_s.max(1e-9)
     }
+    fn dispatch_over_hop(&self) -> f64 {
+        self.dispatch.p50_ms / self.hop.p50_ms.max(1e-9)
+    }
 }
 
 fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
@@ -615,7 +688,9 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
         .iter()
         .map(|m| {
             json!({"mode": m.mode(), "raw": m.raw, "relay": m.relay, "full": m.full,
-                "full_over_raw": m.full_over_raw(), "full_over_relay": m.full_over_relay()})
+                "hop": m.hop, "dispatch": m.dispatch, "at_rest": m.at_rest,
+                "full_over_raw": m.full_over_raw(), "full_over_relay": m.full_over_relay(),
+                "dispatch_over_hop": m.dispatch_over_hop()})
         })
         .collect();
     json!({"bench": "throughput", "events": events, "modes": modes})
@@ -624,15 +699,16 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
 /// Full path vs raw JetStream on the same broker, for each mode in `modes` (`true` = fsync
 /// always).
 async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFigures>> {
+    let latency_events = (events / 40).clamp(50, 500);
     let dir = tempfile::tempdir()?;
     let handlers_dir = dir.path().join("handlers");
     std::fs::create_dir_all(&handlers_dir)?;
-    // The no-op handler answers every request line with the terminator at once, so the figure
-    // is Grizzly's path. Perl (part of every Debian base) reads buffered; `sed -u` read one byte
+    // The no-op handler answers every request line at once with the event's time and its own
+    // receipt time (for the dispatch latency), so the figure is Grizzly's path. Perl (part of every Debian base) reads buffered; `sed -u` read one byte
     // per system call and cost as much CPU as Grizzly itself.
     write(
         &handlers_dir.join("noop.yaml"),
-        "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-ne\", '$|=1; print qq({\"done\":true}\\n)']\nconcurrency: 64\npool: { min: 4, max: 8 }\n",
+        "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-MTime::HiRes=time\", \"-ne\", '$|=1; /\"time\":\"([^\"]+)\"/; printf qq({\"done\":true,\"output\":{\"t\":%.6f,\"time\":\"%s\"}}\\n), time, $1']\nconcurrency: 64\npool: { min: 4, max: 8 }\n",
     )?;
     let mut out = Vec::new();
     println!(
@@ -653,7 +729,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         )
         .await?;
         let (raw, relay) = raw_baseline(&bench.nats.js, events).await?;
-        // Warm-up, then the measured run.
+        let hop = raw_hop(&bench.nats.js, latency_events).await?;
+        // Warm-up, the latencies one event at a time, then the measured burst.
         bench
             .run_batch(
                 "noop",
@@ -663,6 +740,20 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 Duration::from_secs(120),
             )
             .await?;
+        let (at_rest, dispatch) = bench
+            .run_batch_with_dispatch(
+                "noop",
+                latency_events,
+                1,
+                |i| format!("events.bench.l{}.noop", i % 100),
+                Duration::from_secs(120),
+            )
+            .await?;
+        anyhow::ensure!(
+            dispatch.len() == latency_events,
+            "the no-op handler's receipt times are missing from its outcomes"
+        );
+        let dispatch = Measured::new(dispatch, 1.0);
         let full = bench
             .run_batch(
                 "noop",
@@ -678,6 +769,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             raw,
             relay,
             full,
+            hop,
+            dispatch,
+            at_rest,
         };
         let mode = m.mode();
         for (name, f) in [
@@ -690,11 +784,22 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 name, f.events_per_s, f.p50_ms, f.p99_ms
             );
         }
+        println!("  one event at a time ({latency_events} events):");
+        for (name, f) in [
+            ("raw hop (stored → consumer)", &m.hop),
+            ("dispatch (stored → handler)", &m.dispatch),
+            ("full path (stored → outcome)", &m.at_rest),
+        ] {
+            println!(
+                "{:<36} {:>10} {:>10.3} {:>10.3}   [{mode}]",
+                name, "", f.p50_ms, f.p99_ms
+            );
+        }
         println!(
-            "  [{mode}] full/raw = {:.2}, full/relay = {:.2}, full p50 / raw hop p50 = {:.1}",
+            "  [{mode}] full/raw = {:.2}, full/relay = {:.2}, dispatch p50 / raw hop p50 = {:.1}",
             m.full_over_raw(),
             m.full_over_relay(),
-            m.full.p50_ms / m.raw.p50_ms.max(1e-9)
+            m.dispatch_over_hop()
         );
         out.push(m);
     }
@@ -813,7 +918,7 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         deadline: Duration,
     ) -> anyhow::Result<Outcomes> {
-        let (start_seq, mut messages) = self.read_log_from_next().await?;
+        let (start_seq, mut messages) = self.read_log_from_next(&["events.>"]).await?;
         publish_all(
             &self.nats.js,
             (0..n).map(|i| {
@@ -967,6 +1072,12 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         put(format!("full_p99_ms_{suffix}"), m.full.p99_ms);
         put(format!("full_over_raw_{suffix}"), m.full_over_raw());
         put(format!("full_over_relay_{suffix}"), m.full_over_relay());
+        put(format!("hop_p50_ms_{suffix}"), m.hop.p50_ms);
+        put(format!("hop_p99_ms_{suffix}"), m.hop.p99_ms);
+        put(format!("dispatch_p50_ms_{suffix}"), m.dispatch.p50_ms);
+        put(format!("dispatch_p99_ms_{suffix}"), m.dispatch.p99_ms);
+        put(format!("at_rest_p50_ms_{suffix}"), m.at_rest.p50_ms);
+        put(format!("dispatch_over_hop_{suffix}"), m.dispatch_over_hop());
     }
     put("success_pct".into(), success.success_pct);
     put(
@@ -1036,6 +1147,14 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
             "×",
             "≥ 0.15",
             default.full_over_raw() >= 0.15,
+        ),
+        target(
+            "dispatch_over_hop_default",
+            "dispatch p50 / raw hop p50, fsync default",
+            default.dispatch_over_hop(),
+            "×",
+            "≤ 4",
+            default.dispatch_over_hop() <= 4.0,
         ),
         target(
             "full_over_relay_always",
@@ -1121,12 +1240,16 @@ fn print_summary(
     }
     for m in modes {
         println!(
-            "  [{}] raw {:.0}/s, relay {:.0}/s, full path {:.0}/s (p50 {:.1} ms)",
+            "  [{}] raw {:.0}/s, relay {:.0}/s, full path {:.0}/s (p50 {:.1} ms); one at a time: raw hop p50 {:.3} ms, dispatch p50 {:.3} ms (p99 {:.3}), outcome p50 {:.3} ms",
             m.mode(),
             m.raw.events_per_s,
             m.relay.events_per_s,
             m.full.events_per_s,
-            m.full.p50_ms
+            m.full.p50_ms,
+            m.hop.p50_ms,
+            m.dispatch.p50_ms,
+            m.dispatch.p99_ms,
+            m.at_rest.p50_ms
         );
     }
     println!(

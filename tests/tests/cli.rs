@@ -306,6 +306,14 @@ const BENCH_FIGURES: &[&str] = &[
     "full_p50_ms_default",
     "full_over_raw_default",
     "full_over_relay_default",
+    "hop_p50_ms_always",
+    "dispatch_p50_ms_always",
+    "dispatch_over_hop_always",
+    "hop_p50_ms_default",
+    "dispatch_p50_ms_default",
+    "dispatch_p99_ms_default",
+    "at_rest_p50_ms_default",
+    "dispatch_over_hop_default",
     "success_pct",
     "first_attempt_success_pct",
 ];
@@ -320,6 +328,7 @@ const BENCH_TARGETS: &[&str] = &[
     "scaling8_vs_1",
     "full_events_per_s_default",
     "full_over_raw_default",
+    "dispatch_over_hop_default",
     "full_over_relay_always",
     "success_pct",
 ];
