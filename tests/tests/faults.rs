@@ -1636,12 +1636,20 @@ async fn inject(
             config.max_bytes = 4 * 1024;
             env.nats.js.update_stream(&config).await?;
             let filled = SystemTime::now();
+            // A backlog already above the new limit stays (a lower limit evicts nothing with
+            // `discard: new`); from here TASKS may only shrink to the limit, then stay under it.
+            let ceiling = tasks
+                .info()
+                .await?
+                .state
+                .bytes
+                .max(u64::try_from(config.max_bytes)?);
             // The fault's duration.
             tokio::time::sleep(Duration::from_secs(3)).await;
             let state = tasks.info().await?.state.clone();
             ensure!(
-                state.bytes <= u64::try_from(config.max_bytes)?,
-                "TASKS grew past its limit: {} B",
+                state.bytes <= ceiling,
+                "TASKS grew past its limit: {} B > {ceiling} B",
                 state.bytes
             );
             config.max_bytes = original;
