@@ -219,10 +219,11 @@ impl Bench {
         let id = |i: usize| format!("bench-{handler}-{i}-{start_seq}");
         let mut published: HashMap<String, time::OffsetDateTime> = HashMap::with_capacity(n);
         let publish = |i: usize, published: &mut HashMap<_, _>| {
-            published.insert(id(i), time::OffsetDateTime::now_utc());
+            let id = id(i);
+            published.insert(id.clone(), time::OffsetDateTime::now_utc());
             let msg = PublishMessage::build()
                 .payload(json!({"i": i}).to_string().into())
-                .message_id(id(i));
+                .message_id(id);
             (subject_for(i), msg)
         };
         let first_wave = in_flight.min(n);
@@ -524,18 +525,29 @@ fn claude_bin() -> anyhow::Result<PathBuf> {
         )
 }
 
-/// Raw JetStream on the same server: publish n (pipelined) while a pull consumer acks them;
-/// and a relay (consume → publish to a second stream → ack).
-async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Measured, Measured)> {
-    for name in ["BENCH_IN", "BENCH_OUT"] {
-        let _ = js.delete_stream(name).await;
-        js.create_stream(stream::Config {
+/// An empty file stream `name` taking `<name in lower case>.>`.
+async fn fresh_stream(js: &jetstream::Context, name: &str) -> anyhow::Result<stream::Stream> {
+    let _ = js.delete_stream(name).await;
+    Ok(js
+        .create_stream(stream::Config {
             name: name.into(),
             subjects: vec![format!("{}.>", name.to_lowercase())],
             storage: stream::StorageType::File,
             ..Default::default()
         })
-        .await?;
+        .await?)
+}
+
+/// Milliseconds from a broker timestamp until now.
+fn ms_since(stored: time::OffsetDateTime) -> f64 {
+    (time::OffsetDateTime::now_utc() - stored).as_seconds_f64() * 1000.0
+}
+
+/// Raw JetStream on the same server: publish n (pipelined) while a pull consumer acks them;
+/// and a relay (consume → publish to a second stream → ack).
+async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Measured, Measured)> {
+    for name in ["BENCH_IN", "BENCH_OUT"] {
+        fresh_stream(js, name).await?;
     }
     let consume = |stream_name: &'static str, relay: bool| {
         let js = js.clone();
@@ -560,9 +572,7 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
             while latencies.len() < n {
                 let msg = messages.next().await.context("ended")??;
                 let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-                latencies.push(
-                    (time::OffsetDateTime::now_utc() - info.published).as_seconds_f64() * 1000.0,
-                );
+                latencies.push(ms_since(info.published));
                 if relay {
                     acks.push(
                         js.publish(
@@ -615,16 +625,8 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
 /// Raw JetStream, one message at a time: publish, a pull consumer receives it (latency from the
 /// broker's stored timestamp to receipt, as for [`Bench::run_batch_with_dispatch`]), ack.
 async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> {
-    let _ = js.delete_stream("BENCH_HOP").await;
-    let stream = js
-        .create_stream(stream::Config {
-            name: "BENCH_HOP".into(),
-            subjects: vec!["bench_hop.>".into()],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    let consumer = stream
+    let consumer = fresh_stream(js, "BENCH_HOP")
+        .await?
         .create_consumer(pull::Config {
             durable_name: Some("bench-hop".into()),
             ack_policy: AckPolicy::Explicit,
@@ -641,8 +643,7 @@ async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> 
             .context("raw hop: no delivery within 10 s")?
             .context("ended")??;
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        latencies
-            .push((time::OffsetDateTime::now_utc() - info.published).as_seconds_f64() * 1000.0);
+        latencies.push(ms_since(info.published));
         msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         ack.await?;
     }
@@ -704,8 +705,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
     let handlers_dir = dir.path().join("handlers");
     std::fs::create_dir_all(&handlers_dir)?;
     // The no-op handler answers every request line at once with the event's time and its own
-    // receipt time (for the dispatch latency), so the figure is Grizzly's path. Perl (part of every Debian base) reads buffered; `sed -u` read one byte
-    // per system call and cost as much CPU as Grizzly itself.
+    // receipt time (for the dispatch latency), so the figure is Grizzly's path. Perl (part of
+    // every Debian base) reads buffered; `sed -u` read one byte per system call and cost as
+    // much CPU as Grizzly itself.
     write(
         &handlers_dir.join("noop.yaml"),
         "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-MTime::HiRes=time\", \"-ne\", '$|=1; /\"time\":\"([^\"]+)\"/; printf qq({\"done\":true,\"output\":{\"t\":%.6f,\"time\":\"%s\"}}\\n), time, $1']\nconcurrency: 64\npool: { min: 4, max: 8 }\n",
@@ -753,7 +755,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             dispatch.len() == latency_events,
             "the no-op handler's receipt times are missing from its outcomes"
         );
-        let dispatch = Measured::new(dispatch, 1.0);
+        // Dispatches happened at the one-at-a-time run's rate.
+        let dispatch = Measured::new(dispatch, latency_events as f64 / at_rest.events_per_s);
         let full = bench
             .run_batch(
                 "noop",
