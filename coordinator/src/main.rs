@@ -16,6 +16,11 @@ struct Cli {
     args: ComponentArgs,
 }
 
+// Every event allocates small short-lived values (envelopes, JSON, NATS frames); mimalloc spends
+// less on them than the system allocator (measured with `grizzly bench throughput`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Cli::parse().args.load()?;
