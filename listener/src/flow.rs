@@ -6,9 +6,11 @@
 //!   is routed again (idempotent), while a different event with the same key is a duplicate:
 //!   recorded as `events.<T>.<I>.duplicate_skipped`, not handled. Shared by every listener
 //!   replica and kept across restarts.
-//! - **Throttle**: a virtual schedule per (handler, key): each task gets a start time at least
-//!   `period / limit` after the previous one (`Task::not_before_ms`), and workers do not start it
-//!   earlier. Lossless: over-limit events wait, none is dropped.
+//! - **Throttle**: a virtual schedule per (handler, key), kept in KV `grizzly_rate_limit`
+//!   (`throttle.<handler>.<key hash>`) so that listener replicas routing different partitions
+//!   share it: each task gets a start time at least `period / limit` after the previous one
+//!   (`Task::not_before_ms`), and workers do not start it earlier. Lossless: over-limit events
+//!   wait, none is dropped.
 //! - **Rate limit** (lossy): per (handler, key) the newest `limit` admitted events (sequence,
 //!   broker time) are kept in KV `grizzly_rate_limit`; an event is admitted when fewer than
 //!   `limit` of them lie within `period` before its own broker time, else it is recorded as
@@ -19,7 +21,7 @@
 //!   `max_wait`), and the worker runs it only if it is still the newest — the others are
 //!   recorded as `handler_skipped` (`reason: debounced`, `superseded_by`).
 //!
-//! Both buckets are written with compare-and-set on the entry's revision; the active listener
+//! The state buckets are written with compare-and-set on the entry's revision; each listener
 //! caches what it wrote, so an admitted event costs one KV write and a rejected one none.
 
 use std::collections::HashMap;
@@ -53,7 +55,7 @@ pub struct FlowControl {
     templates: minijinja::Environment<'static>,
     dedup_windows: HashMap<String, Duration>,
     throttles: HashMap<String, (f64, bool)>,
-    schedule: Mutex<HashMap<(String, String), f64>>,
+    throttle_state: Option<Arc<Cas<ThrottleState>>>,
     bucket: Option<kv::Store>,
     rate_limits: HashMap<String, (RateLimitSpec, Option<KeyTemplate>)>,
     debounces: HashMap<String, (DebounceSpec, Option<KeyTemplate>)>,
@@ -144,8 +146,7 @@ impl FlowControl {
         next.bucket = self.bucket.clone();
         next.rate_state = self.rate_state.clone();
         next.debounce_state = self.debounce_state.clone();
-        *next.schedule.get_mut().expect("schedule lock") =
-            self.schedule.lock().expect("schedule lock").clone();
+        next.throttle_state = self.throttle_state.clone();
         Ok(next)
     }
 
@@ -196,7 +197,7 @@ impl FlowControl {
             templates,
             dedup_windows,
             throttles,
-            schedule: Mutex::new(HashMap::new()),
+            throttle_state: None,
             bucket: None,
             rate_limits,
             debounces,
@@ -213,7 +214,8 @@ impl FlowControl {
     ) -> anyhow::Result<()> {
         // Always: a handler registered later may need any of them (see `rebuilt`).
         let bucket = flowspec::state_bucket(js, RATE_LIMIT_BUCKET, replicas).await?;
-        self.rate_state = Some(Arc::new(Cas::new(bucket)));
+        self.rate_state = Some(Arc::new(Cas::new(bucket.clone())));
+        self.throttle_state = Some(Arc::new(Cas::new(bucket)));
         let bucket = flowspec::state_bucket(js, DEBOUNCE_BUCKET, replicas).await?;
         self.debounce_state = Some(Arc::new(Cas::new(bucket)));
         let bucket = js
@@ -276,8 +278,14 @@ impl FlowControl {
     }
 
     /// The earliest start (unix ms) for `handler`'s next task, or `None` when it may start now.
-    pub fn throttle(&self, handler: &str, event: &EventEnvelope) -> anyhow::Result<Option<u64>> {
-        let Some((interval, keyed)) = self.throttles.get(handler) else {
+    pub async fn throttle(
+        &self,
+        handler: &str,
+        event: &EventEnvelope,
+    ) -> anyhow::Result<Option<u64>> {
+        let (Some((interval, keyed)), Some(state)) =
+            (self.throttles.get(handler), &self.throttle_state)
+        else {
             return Ok(None);
         };
         let key = if *keyed {
@@ -286,15 +294,26 @@ impl FlowControl {
             String::new()
         };
         let now = now_ms();
-        let mut schedule = self.schedule.lock().expect("throttle lock");
-        if schedule.len() > 100_000 {
-            schedule.retain(|_, next| *next > now);
-        }
-        let next = schedule.entry((handler.to_string(), key)).or_insert(now);
-        let start = next.max(now);
-        *next = start + interval;
+        let mut start = now;
+        state
+            .update(
+                &format!("throttle.{}", flowspec::kv_key(handler, &key)),
+                |current| {
+                    start = current.map_or(now, |s| s.next_ms.max(now));
+                    Some(ThrottleState {
+                        next_ms: start + interval,
+                    })
+                },
+            )
+            .await?;
         Ok((start > now).then_some(start.ceil() as u64))
     }
+}
+
+/// Throttle schedule of one (handler, key): when its next task may start (unix ms).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct ThrottleState {
+    next_ms: f64,
 }
 
 /// Why a handler does not get an event, recorded as `handler_skipped`.
@@ -332,13 +351,12 @@ impl FlowControl {
                     admitted = true;
                     return None;
                 }
-                let since = at_ms.saturating_sub(period_ms);
-                let recent = state.admitted.iter().filter(|(_, t)| *t > since).count();
-                admitted = recent < limit;
+                admitted = admits(&state.admitted, at_ms, period_ms, limit);
                 if !admitted {
                     return None;
                 }
                 state.admitted.push((seq, at_ms));
+                state.admitted.sort_unstable_by_key(|(_, t)| *t);
                 let excess = state.admitted.len().saturating_sub(limit);
                 state.admitted.drain(..excess);
                 Some(state)
@@ -404,6 +422,24 @@ impl FlowControl {
     }
 }
 
+/// Whether an event at `at_ms` keeps every window of `period_ms` at `limit` admitted events at
+/// most, given the newest `limit` admitted ones (by time, oldest first). An event older than all
+/// of a full record is refused: the admitted events before it are no longer known.
+fn admits(admitted: &[(u64, u64)], at_ms: u64, period_ms: u64, limit: usize) -> bool {
+    if admitted.len() >= limit && admitted.first().is_some_and(|(_, t)| at_ms < *t) {
+        return false;
+    }
+    let mut near: Vec<u64> = admitted
+        .iter()
+        .map(|(_, t)| *t)
+        .filter(|t| t.abs_diff(at_ms) < period_ms)
+        .collect();
+    near.push(at_ms);
+    near.sort_unstable();
+    near.windows(limit + 1)
+        .all(|w| w[limit] - w[0] >= period_ms)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -411,28 +447,17 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use grizzly_shared::handler::parse_handler;
-    use std::path::Path;
 
     #[test]
-    fn throttle_spaces_starts_evenly() {
-        let h = parse_handler(
-            Path::new("t.yaml"),
-            "name: t\non: [\"events.>\"]\nkind: exec\ncommand: [x]\nthrottle: { limit: 10, period: 1s }\n",
-        )
-        .unwrap();
-        let flow = FlowControl::new(&[h]).unwrap();
-        let subject = grizzly_shared::EventSubject::parse("events.a.b.c").unwrap();
-        let event = EventEnvelope::new(&subject, "t", serde_json::json!({}));
-        let starts: Vec<Option<u64>> = (0..12)
-            .map(|_| flow.throttle("t", &event).unwrap())
-            .collect();
-        assert_eq!(starts[0], None, "the first runs at once");
-        let last = starts[11].unwrap() as f64;
-        assert!(
-            last - now_ms() > 1000.0,
-            "twelve at 10/s span over a second"
-        );
-        assert_eq!(flow.throttle("other", &event).unwrap(), None);
+    fn rate_limit_windows_hold_whatever_the_order_of_decisions() {
+        // 2 per 1000 ms; admitted at 1000 and 1500.
+        let admitted = [(1, 1000), (2, 1500)];
+        assert!(!admits(&admitted, 1600, 1000, 2), "third in the window");
+        assert!(admits(&admitted, 2000, 1000, 2), "the window moved on");
+        // Decided late (another replica was ahead): 900 would make 900..1500 hold three.
+        assert!(!admits(&admitted, 900, 1000, 2));
+        assert!(admits(&[(2, 1500)], 400, 1000, 2), "a second one is room");
+        assert!(admits(&[], 5, 1000, 1));
+        assert!(!admits(&[(1, 10)], 5, 1000, 1), "older than a full record");
     }
 }

@@ -1,31 +1,31 @@
-//! The listener: consumes the event log (`EVENTS`), turns each message into an event, matches
+//! The listener: reads the event log (`EVENTS`), turns each message into an event, matches
 //! it against the handlers' `on` patterns and writes one task per matching handler to `TASKS`.
 //! Messages that cannot become events go to `dlq._ingest` with the reason.
 //!
-//! An event is acked on the log only after all its tasks (or its dead letter) are confirmed by
-//! the broker, so a crash at any point re-routes it; task ids are derived from the event, so
-//! re-routing writes nothing twice. Publishes are pipelined (many in flight, issued in log order)
-//! so the broker's write latency is paid once per window, not once per event — across
-//! aggregates: within one aggregate an event's tasks are issued only once the previous event's
-//! are confirmed ([`Tails`]), so a refused or lost publish that is re-sent never lands behind a
-//! newer task of its aggregate.
-//!
-//! Replicas share one durable consumer with a pinned-client priority group: exactly one replica
-//! routes at a time (keeping log order), the others stand by and take over when it stops pulling.
-//! A replica that is handed an event while earlier ones are still pending elsewhere (it took
-//! over from a dead or stopped replica, or a pull of its own was cut off) first routes those
-//! earlier events from the log ([`Listener::catch_up`]), so fail-over keeps per-aggregate order.
+//! Replicas share the log by partition (`hash(aggregate) mod partitions`, see [`partitions`]):
+//! each partition is routed by the one replica holding its lease, in log order. A replica reads
+//! the log with an ordered consumer from the oldest cursor of its partitions and skips events
+//! of other partitions (a hash of the subject, no parsing). A partition's cursor — the sequence
+//! from which it is still to be routed — advances only past events whose tasks (or dead letter)
+//! the broker confirmed, so a crash at any point re-routes from the cursor; task ids are derived
+//! from the event, so re-routing writes nothing twice. Publishes are pipelined (many in flight,
+//! issued in log order) so the broker's write latency is paid once per window, not once per
+//! event — across aggregates: within one aggregate an event's tasks are issued only once the
+//! previous event's are confirmed ([`Tails`]), so a refused or lost publish that is re-sent
+//! never lands behind a newer task of its aggregate.
 
 pub mod flow;
 pub mod health;
+pub mod partitions;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{self, AckPolicy, PriorityPolicy, pull};
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -33,24 +33,43 @@ use grizzly_shared::dlq::{DeadLetter, headers_to_map};
 use grizzly_shared::envelope::{EventEnvelope, IngestError, StoredMessage, now_rfc3339};
 use grizzly_shared::handler::LoadedHandler;
 use grizzly_shared::metrics::{EventsOut, metrics};
-use grizzly_shared::nats::{self, EVENTS_STREAM, LISTENER_CONSUMER, Nats};
+use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
 use grizzly_shared::registry::{self, HandlerRegistry, RegistrySnapshot};
 use grizzly_shared::subject::DLQ_INGEST;
 use grizzly_shared::{EventSubject, Settings, Task, trace};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Priority group of the listeners' shared consumer.
-const LISTENER_GROUP: &str = "listeners";
-/// Life of one pull request: the active listener pulls at least this often.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How often the routing loop publishes its partitions' cursors to the lease manager, which
+/// writes them to the bucket once per lease round.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// Pause before reading again after the log or the flow-control state failed.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-/// How long a standby listener waits before taking over from a silent one: a few pulls, so a
-/// busy active listener keeps its pin. Independent of `ack_wait`: what the silent one was given
-/// and may not have routed, the new one reads from the log first ([`Listener::catch_up`]).
-const PIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Catching up gives up (and pulls again) when the log sends nothing for this long.
-const CATCH_UP_IDLE: Duration = Duration::from_secs(5);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An ordered reader of the whole log from `from` (no acks: progress is the cursors).
+async fn read_log(
+    events: &jetstream::stream::Stream,
+    from: u64,
+) -> anyhow::Result<consumer::pull::Ordered> {
+    let reader = events
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ..Default::default()
+        })
+        .await
+        .context("ordered reader on EVENTS")?;
+    Ok(reader.messages().await?)
+}
+
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
@@ -101,8 +120,9 @@ impl Tails {
     }
 }
 
-/// What a routed event's confirmation returns: publishes it confirmed, and its [`Tails`] entry.
-type Routed = (usize, Option<(String, u64)>);
+/// What a routed event's confirmation returns: publishes it confirmed, its [`Tails`] entry, and
+/// its partition and stream sequence.
+type Routed = (usize, Option<(String, u64)>, (u16, u64));
 
 /// Routed events whose publishes are not confirmed yet.
 #[derive(Default)]
@@ -112,6 +132,9 @@ struct Pipeline {
     /// Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
     /// never waits on a confirmation that only the routing loop could collect.
     outstanding: usize,
+    /// Per partition, the sequences of events whose publishes are not confirmed yet: a
+    /// partition's cursor stays at the oldest of them.
+    unconfirmed: HashMap<u16, BTreeSet<u64>>,
 }
 
 impl Pipeline {
@@ -119,12 +142,57 @@ impl Pipeline {
         self.outstanding < MAX_OUTSTANDING_PUBLISHES
     }
 
-    /// An event's publishes are confirmed (and it is acked).
-    fn settled(&mut self, (done, tail): Routed) {
+    /// An event's publishes are confirmed.
+    fn settled(&mut self, (done, tail, (partition, seq)): Routed) {
         self.outstanding -= done;
         if let Some((aggregate, token)) = tail {
             self.tails.finished(&aggregate, token);
         }
+        if let Some(seqs) = self.unconfirmed.get_mut(&partition) {
+            seqs.remove(&seq);
+        }
+    }
+
+    /// Confirms everything in flight.
+    async fn drain(&mut self) {
+        while let Some(routed) = self.in_flight.next().await {
+            self.settled(routed);
+        }
+    }
+}
+
+/// The partitions this replica routes, and how far it has read the log.
+struct Owned {
+    partitions: u16,
+    /// Per owned partition, the next sequence to route: its older events are handled.
+    next: HashMap<u16, u64>,
+    /// The next sequence the current reader delivers: every event before it that belongs to
+    /// an owned partition is handled (routed, in flight or needing nothing).
+    read_to: u64,
+}
+
+impl Owned {
+    /// The partition of an event: its aggregate's, from the subject (`events.<type>.<id>.<event>`,
+    /// the same partition its tasks go to). A malformed subject (dead-lettered) hashes whole.
+    fn partition_of(&self, subject: &str) -> u16 {
+        let mut tokens = subject.split('.');
+        let key = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+            (Some(_), Some(t), Some(i), Some(_)) if tokens.next().is_none() => {
+                std::borrow::Cow::Owned(format!("{t}/{i}"))
+            }
+            _ => std::borrow::Cow::Borrowed(subject),
+        };
+        grizzly_shared::task::partition_for(&key, self.partitions)
+    }
+
+    /// Where `partition` is to be routed from if this replica stopped now.
+    fn cursor(&self, partition: u16, pipeline: &Pipeline) -> Option<u64> {
+        let handled = (*self.next.get(&partition)?).max(self.read_to);
+        let oldest = pipeline
+            .unconfirmed
+            .get(&partition)
+            .and_then(|s| s.first().copied());
+        Some(oldest.map_or(handled, |o| o.min(handled)))
     }
 }
 
@@ -250,32 +318,6 @@ impl Listener {
         pool.get(n % pool.len().max(1)).copied()
     }
 
-    async fn consumer(&self) -> anyhow::Result<consumer::Consumer<pull::Config>> {
-        let stream = self
-            .nats
-            .js
-            .get_stream(EVENTS_STREAM)
-            .await
-            .context("EVENTS stream")?;
-        let config = pull::Config {
-            durable_name: Some(LISTENER_CONSUMER.into()),
-            description: Some("Grizzly listeners: routes events to handlers".into()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: self.settings.listener.ack_wait,
-            max_ack_pending: self.settings.listener.max_ack_pending,
-            priority_policy: PriorityPolicy::PinnedClient,
-            priority_groups: vec![LISTENER_GROUP.into()],
-            priority_timeout: PIN_TIMEOUT,
-            ..Default::default()
-        };
-        // Create or update: a consumer made by an older version takes the current settings
-        // (e.g. its longer pin timeout).
-        stream
-            .create_consumer(config)
-            .await
-            .context("listener consumer on EVENTS")
-    }
-
     /// Routes to what the registry says now: the version new events go to, per handler. A
     /// version that does not load (or whose templates do not compile) is left out, loudly.
     fn apply_registry(&mut self, snapshot: &RegistrySnapshot) {
@@ -303,7 +345,8 @@ impl Listener {
         }
     }
 
-    /// Routes events until `shutdown`; in-flight events are confirmed before returning.
+    /// Routes events until `shutdown`; in-flight events are confirmed, and the partitions'
+    /// cursors written, before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         nats::ensure_streams(&self.nats.js, &self.settings.streams).await?;
         self.flow
@@ -324,188 +367,194 @@ impl Listener {
             self.settings.streams.replicas,
         )
         .await?;
+        let cursors =
+            nats::ensure_cursor_bucket(&self.nats.js, self.settings.streams.replicas).await?;
         // Know the workers before the first event, then keep up with their heartbeats.
         match health::HandlerHealth::read(&leases).await {
             Ok(now) => *self.health.write().expect("health lock") = now,
             Err(e) => warn!(error = %e, "cannot read worker heartbeats yet"),
         }
-        tokio::spawn(health::watch(leases, self.health.clone(), shutdown.clone()));
+        tokio::spawn(health::watch(
+            leases.clone(),
+            self.health.clone(),
+            shutdown.clone(),
+        ));
         let events = self
             .nats
             .js
             .get_stream(EVENTS_STREAM)
             .await
             .context("EVENTS stream")?;
-        let mut consumer = self.consumer().await?;
-        info!(routes = self.routes.len(), "listener routing");
+
+        let id = self.settings.listener_id();
+        let progress = partitions::Progress::default();
+        let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let stop_manager = CancellationToken::new();
+        // Aborted if this future is dropped: leases die with the routing they stand for.
+        let mut manager = AbortOnDrop(tokio::spawn(
+            partitions::Manager {
+                id: id.clone(),
+                partitions: self.settings.partitions,
+                lease_ttl: self.settings.worker.lease_ttl,
+                leases,
+                cursors,
+                events: events.clone(),
+                progress: progress.clone(),
+                changes: changes_tx,
+            }
+            .run(stop_manager.clone()),
+        ));
+        info!(listener = %id, routes = self.routes.len(), "listener routing");
+
         let mut pipeline = Pipeline::default();
-        // The newest stream sequence this replica routed; every event between the consumer's
-        // ack floor and it was routed by this replica (see [`Listener::catch_up`]).
-        let mut cursor: Option<u64> = None;
-        'outer: while !shutdown.is_cancelled() {
-            let mut messages = match consumer
-                .stream()
-                .group(LISTENER_GROUP)
-                .max_messages_per_batch(512)
-                .heartbeat(Duration::from_millis(500))
-                // Well under the pin timeout, or the pin would lapse between pulls.
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
+        let mut owned = Owned {
+            partitions: self.settings.partitions,
+            next: HashMap::new(),
+            read_to: 0,
+        };
+        let mut reader: Option<consumer::pull::Ordered> = None;
+        // Where the next reader starts, once `resume_at` has passed.
+        let mut start: Option<u64> = None;
+        let mut resume_at = tokio::time::Instant::now();
+        let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+        progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if reader.is_none()
+                && let Some(from) = start
+                && tokio::time::Instant::now() >= resume_at
             {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(error = %e, "cannot pull from EVENTS; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                match read_log(&events, from).await {
+                    Ok(r) => {
+                        reader = Some(r);
+                        start = None;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, from, "cannot read EVENTS; retrying");
+                        resume_at = tokio::time::Instant::now() + RETRY_AFTER;
                     }
                 }
-            };
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break 'outer,
-                    Some(routed) = pipeline.in_flight.next(), if !pipeline.in_flight.is_empty() => {
-                        pipeline.settled(routed);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(change) = changes.recv() => match change {
+                    partitions::Change::Acquired { partition, from } => {
+                        let first = owned.next.is_empty();
+                        owned.next.insert(partition, from);
+                        if first || from < owned.read_to {
+                            // Read its events from its cursor (others' are skipped as routed).
+                            reader = None;
+                            start = Some(start.map_or(from, |s| s.min(from)));
+                            owned.read_to = if first { from } else { owned.read_to.min(from) };
+                        }
                     }
-                    next = messages.next(), if pipeline.has_room() => match next {
-                        Some(Ok(msg)) => {
-                            if registry_rx.has_changed().unwrap_or(false) {
-                                let now = registry_rx.borrow_and_update().clone();
-                                self.apply_registry(&now);
-                            }
-                            let seq = msg.info().map(|i| i.stream_sequence).ok();
-                            if let Some(seq) = seq.filter(|s| cursor.is_none_or(|c| *s > c + 1)) {
-                                // Events before this one went to another replica (or to a pull
-                                // of ours that was cut off) and may be unrouted: route them first.
-                                let caught_up = tokio::select! {
-                                    _ = shutdown.cancelled() => break 'outer,
-                                    r = self.catch_up(&events, &mut consumer, cursor, seq, &mut pipeline) => r,
-                                };
-                                if let Err(e) = caught_up {
-                                    warn!(error = %e, "cannot route the events before this one yet; pulling again");
-                                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                                    tokio::time::sleep(Duration::from_millis(500)).await;
-                                    continue 'outer;
-                                }
-                            }
-                            if let Some(seq) = seq {
-                                cursor = Some(cursor.map_or(seq, |c| c.max(seq)));
-                            }
-                            self.route(msg, &mut pipeline, true).await;
+                    partitions::Change::Release { partition, cursor } => {
+                        let at = owned.cursor(partition, &pipeline);
+                        owned.next.remove(&partition);
+                        let _ = cursor.send(at.unwrap_or(owned.read_to));
+                    }
+                    partitions::Change::Lost { partition } => {
+                        owned.next.remove(&partition);
+                    }
+                },
+                Some(routed) = pipeline.in_flight.next(), if !pipeline.in_flight.is_empty() => {
+                    pipeline.settled(routed);
+                }
+                _ = progress_tick.tick() => {
+                    let mut shared = progress.lock().expect("progress");
+                    for partition in owned.next.keys() {
+                        if let Some(at) = owned.cursor(*partition, &pipeline) {
+                            shared.insert(*partition, at);
                         }
-                        Some(Err(e)) => {
-                            // e.g. a missed idle heartbeat under load: transient, pull again.
-                            // What the cut-off pull was given is caught up when the next pull
-                            // skips past it.
-                            warn!(error = %e, "EVENTS pull interrupted; resuming");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue 'outer;
+                    }
+                }
+                _ = tokio::time::sleep_until(resume_at), if reader.is_none() && start.is_some() => {}
+                next = async { reader.as_mut().expect("reader").next().await },
+                    if reader.is_some() && pipeline.has_room() => match next {
+                    Some(Ok(msg)) => {
+                        let seq = match msg.info() {
+                            Ok(info) => info.stream_sequence,
+                            Err(e) => {
+                                warn!(error = %e, "EVENTS message without metadata; skipped");
+                                continue;
+                            }
+                        };
+                        let partition = owned.partition_of(&msg.subject);
+                        let due = owned.next.get(&partition).is_some_and(|n| seq >= *n);
+                        owned.read_to = seq + 1;
+                        if !due {
+                            // Another replica's partition, or routed before a rewind.
+                            continue;
                         }
-                        None => continue 'outer,
-                    },
+                        if registry_rx.has_changed().unwrap_or(false) {
+                            let now = registry_rx.borrow_and_update().clone();
+                            self.apply_registry(&now);
+                        }
+                        match self.route(msg, seq, partition, &mut pipeline).await {
+                            Ok(()) => {
+                                owned.next.insert(partition, seq + 1);
+                            }
+                            Err(e) => {
+                                // Flow-control state unreachable: route this event again (and
+                                // everything after it) shortly; nothing later overtakes it.
+                                warn!(error = %e, seq, "cannot route yet; retrying");
+                                owned.read_to = seq;
+                                reader = None;
+                                start = Some(seq);
+                                resume_at = tokio::time::Instant::now() + RETRY_AFTER;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // e.g. missed idle heartbeats under load: read again from here.
+                        warn!(error = %e, "EVENTS read interrupted; resuming");
+                        reader = None;
+                        start = Some(owned.read_to);
+                        resume_at = tokio::time::Instant::now() + RETRY_AFTER / 5;
+                    }
+                    None => {
+                        reader = None;
+                        start = Some(owned.read_to);
+                    }
+                },
+            }
+            if owned.next.is_empty() {
+                reader = None;
+                start = None;
+            }
+        }
+        pipeline.drain().await;
+        {
+            let mut shared = progress.lock().expect("progress");
+            for partition in owned.next.keys() {
+                if let Some(at) = owned.cursor(*partition, &pipeline) {
+                    shared.insert(*partition, at);
                 }
             }
         }
-        while pipeline.in_flight.next().await.is_some() {}
-        // Hand the pin over now rather than after the pin timeout: a standby takes over at once
-        // (nothing is orphaned: every routed event was confirmed and acked above).
-        let _ = events
-            .unpin_consumer(LISTENER_CONSUMER, LISTENER_GROUP)
-            .await;
+        // Write the cursors and free the leases now: other replicas take over at once.
+        stop_manager.cancel();
+        let _ = (&mut manager.0).await;
         info!("listener stopped");
         Ok(())
     }
 
-    /// Routes, in log order, the events after the consumer's ack floor (or after `cursor`, if
-    /// later) and before `next`, reading them straight from the log.
-    ///
-    /// The consumer hands this replica `next` although earlier events are still pending: they
-    /// were delivered to a replica that died or stopped (this one takes over its pin), or to a
-    /// pull of ours that was cut off. The broker redelivers them only after `ack_wait`, so
-    /// routing `next` first would put an aggregate's newer task ahead of its older one. Routing
-    /// them again is idempotent (task ids derive from the event, within the duplicate window),
-    /// both for those the other replica did route and for their later redelivery; they are not
-    /// acked here — their redelivery is.
-    async fn catch_up(
+    /// Routes one message: issues its publishes now (so tasks are written in log order) and
+    /// adds to `pipeline` a future that confirms them. An event whose aggregate still has an
+    /// unconfirmed predecessor issues its publishes only once that one is confirmed (see
+    /// [`Tails`]). Fails, writing nothing, when the flow-control state cannot be read.
+    async fn route(
         &self,
-        events: &jetstream::stream::Stream,
-        consumer: &mut consumer::Consumer<pull::Config>,
-        cursor: Option<u64>,
-        next: u64,
+        msg: jetstream::Message,
+        seq: u64,
+        partition: u16,
         pipeline: &mut Pipeline,
     ) -> anyhow::Result<()> {
-        let floor = consumer.info().await?.ack_floor.stream_sequence;
-        let from = cursor.unwrap_or(0).max(floor) + 1;
-        if from >= next {
-            return Ok(());
-        }
-        let log = events
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
-            .await
-            .context("reading the log from the ack floor")?;
-        let mut log = log.messages().await?;
-        let started = std::time::Instant::now();
-        let mut routed = 0u64;
-        loop {
-            let msg = tokio::time::timeout(CATCH_UP_IDLE, log.next())
-                .await
-                .context("the log went silent while catching up")?
-                .context("the log ended while catching up")??;
-            if msg.info().map_err(anyhow::Error::msg)?.stream_sequence >= next {
-                break;
-            }
-            while !pipeline.has_room() {
-                if let Some(done) = pipeline.in_flight.next().await {
-                    pipeline.settled(done);
-                }
-            }
-            self.route(msg, pipeline, false).await;
-            routed += 1;
-        }
-        info!(
-            from,
-            to = next - 1,
-            routed,
-            took_ms = started.elapsed().as_millis() as u64,
-            "routed the events pending elsewhere before newer ones"
-        );
-        Ok(())
-    }
-
-    /// Routes one message: issues its publishes now (so tasks are written in log order) and
-    /// adds to `pipeline` a future that confirms them and then acks the event (if `ack`).
-    /// An event whose aggregate still has an unconfirmed predecessor issues its publishes only
-    /// once that one is confirmed (see [`Tails`]).
-    async fn route(&self, msg: jetstream::Message, pipeline: &mut Pipeline, ack: bool) {
-        let publishes = match self.publishes_for(&msg).await {
-            Ok(p) => p,
-            Err(e) if ack => {
-                warn!(error = %e, subject = %msg.subject, "cannot route; will redeliver");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                // Its redelivery (still pending) gets the same treatment as any event.
-                warn!(error = %e, subject = %msg.subject, "cannot route while catching up; left to its redelivery");
-                return;
-            }
-        };
+        let publishes = self.publishes_for(&msg).await?;
         if publishes.is_empty() {
             // Nothing to write (e.g. an outcome event no handler listens to — half of what the
-            // listener sees under load): ack at once instead of queueing a confirmation.
-            if ack && let Err(e) = msg.ack().await {
-                warn!(error = %e, "ack of unrouted event failed; it will be redelivered");
-            }
-            return;
+            // listener sees under load).
+            return Ok(());
         }
         // events.<type>.<id>.<event>: tasks are ordered per aggregate (dead letters need no order).
         let mut tokens = msg.subject.split('.');
@@ -551,13 +600,16 @@ impl Listener {
             if let Some(done) = done {
                 let _ = done.send(());
             }
-            if ack && let Err(e) = msg.ack().await {
-                warn!(error = %e, "ack of routed event failed; it will be re-routed (idempotent)");
-            }
-            (count, tail)
+            (count, tail, (partition, seq))
         };
         pipeline.outstanding += count;
+        pipeline
+            .unconfirmed
+            .entry(partition)
+            .or_default()
+            .insert(seq);
         pipeline.in_flight.push(Box::pin(confirm));
+        Ok(())
     }
 
     /// What must be written for one message: its tasks, or its dead letter.
@@ -654,7 +706,11 @@ impl Listener {
                         priority,
                         event.clone(),
                     );
-                    task.not_before_ms = self.flow.throttle(&route.handler, &event)?.max(debounced);
+                    task.not_before_ms = self
+                        .flow
+                        .throttle(&route.handler, &event)
+                        .await?
+                        .max(debounced);
                     debug!(handler = %task.handler, event = %event.id, "routing");
                     let publish = PublishMessage::build()
                         .payload(task.to_json_bytes())

@@ -91,22 +91,11 @@ impl Default for WorkerSettings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerSettings {
-    /// Events the listener may have in flight (delivered, tasks not yet confirmed).
-    pub max_ack_pending: i64,
-    #[serde(with = "humantime_serde")]
-    pub ack_wait: Duration,
-}
-
-impl Default for ListenerSettings {
-    fn default() -> Self {
-        Self {
-            max_ack_pending: 4096,
-            ack_wait: Duration::from_secs(30),
-        }
-    }
+    /// Stable identity (defaults to host + pid + a random suffix); owns listener partitions.
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +210,20 @@ impl Settings {
     /// Log filter (`tracing` EnvFilter syntax), e.g. `info` or `info,grizzly_worker=debug`.
     pub fn log_filter(&self) -> &str {
         &self.log
+    }
+
+    /// This listener replica's identity. The random part keeps replicas in one process (tests,
+    /// `grizzly dev`) and a restarted pod apart.
+    pub fn listener_id(&self) -> String {
+        self.listener.id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+            let unique = uuid::Uuid::now_v7().simple().to_string();
+            format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                &unique[unique.len() - 6..]
+            )
+        })
     }
 
     /// This worker's identity.

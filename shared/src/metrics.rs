@@ -420,6 +420,16 @@ pub async fn refresh_broker_gauges(
             pending.insert(info.name.clone(), lag);
         }
     }
+    // The listeners read the log without a durable consumer: their lag is how far the
+    // slowest partition's cursor is behind the end of the log.
+    let mut events = js.get_stream(EVENTS_STREAM).await?;
+    let last = events.info().await?.state.last_sequence;
+    if let Some(slowest) = crate::nats::listener_cursors(js).await?.values().min() {
+        pending.insert(
+            crate::nats::LISTENER_CONSUMER.to_string(),
+            (last + 1).saturating_sub(*slowest) as i64,
+        );
+    }
     // Consumers come and go with partition ownership: report exactly the current set.
     static REPORTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut reported = REPORTED.lock().expect("reported lock");

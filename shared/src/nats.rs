@@ -6,7 +6,9 @@
 //! | `TASKS` | `tasks.>` | work queue | routed work, one message per (event, handler) |
 //! | `DLQ` | `dlq.>` | limits, discard new | dead letters |
 //!
-//! KV bucket `grizzly_leases` holds partition leases (which worker consumes which partition).
+//! KV bucket `grizzly_leases` holds partition leases (which worker consumes which task partition,
+//! which listener routes which partition of the log); `grizzly_listener` holds, per partition of
+//! the log, the stream sequence from which it is still to be routed.
 
 use std::time::Duration;
 
@@ -21,7 +23,8 @@ pub const EVENTS_STREAM: &str = "EVENTS";
 pub const TASKS_STREAM: &str = "TASKS";
 pub const DLQ_STREAM: &str = "DLQ";
 pub const LEASES_BUCKET: &str = "grizzly_leases";
-/// Durable consumer the listeners share on `EVENTS`.
+pub const CURSORS_BUCKET: &str = "grizzly_listener";
+/// Name under which the listeners' lag is reported (`grizzly_consumer_pending`).
 pub const LISTENER_CONSUMER: &str = "grizzly-listener";
 
 #[derive(Debug, Error)]
@@ -190,6 +193,55 @@ pub async fn ensure_lease_bucket(
         bucket: LEASES_BUCKET,
         source,
     })
+}
+
+/// The listeners' routing cursors: `cursor.<partition>` → the stream sequence from which that
+/// partition of `EVENTS` is still to be routed (everything of it below is routed and confirmed).
+/// Never expires: a partition nobody routes for a while resumes where it stopped.
+pub async fn ensure_cursor_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: CURSORS_BUCKET.into(),
+        description: "Grizzly listener cursors per partition of the log".into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| SetupError::Bucket {
+        bucket: CURSORS_BUCKET,
+        source,
+    })
+}
+
+/// The listeners' cursors by partition (see [`ensure_cursor_bucket`]); empty before any
+/// listener ran.
+pub async fn listener_cursors(
+    js: &jetstream::Context,
+) -> Result<std::collections::BTreeMap<u16, u64>, async_nats::Error> {
+    use futures::StreamExt as _;
+    let mut cursors = std::collections::BTreeMap::new();
+    let Ok(kv) = js.get_key_value(CURSORS_BUCKET).await else {
+        return Ok(cursors);
+    };
+    let mut keys = kv.keys().await?;
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        let Some(partition) = key.strip_prefix("cursor.").and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        if let Some(value) = kv.get(&key).await?
+            && let Some(seq) = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+        {
+            cursors.insert(partition, seq);
+        }
+    }
+    Ok(cursors)
 }
 
 /// Publishes and waits until the broker confirms the write, re-sending with back-off until it

@@ -111,7 +111,6 @@ impl TestEnv {
         settings.worker.lease_ttl = Duration::from_secs(2);
         settings.worker.ack_wait = Duration::from_secs(5);
         settings.worker.drain_timeout = Duration::from_secs(10);
-        settings.listener.ack_wait = Duration::from_secs(5);
         settings.worker.claude_bin = tool_path("claude").display().to_string();
         settings.worker.mcp_bin = Some(bin_path("grizzly-worker").display().to_string());
         let nats = nats::connect(&settings.nats_url, "grizzly-test", false).await?;
@@ -147,9 +146,51 @@ impl TestEnv {
     }
 
     pub async fn start_listener(&self) -> anyhow::Result<Component> {
-        let nats = nats::connect(&self.settings.nats_url, "test-listener", false).await?;
-        let listener =
-            grizzly_listener::Listener::new(nats, self.settings.clone(), &self.handlers())?;
+        self.start_listener_with(self.settings.clone()).await
+    }
+
+    /// Owner of each partition of the log (listener lease `route.<p>`).
+    pub async fn route_owners(&self) -> anyhow::Result<std::collections::HashMap<u16, String>> {
+        let leases =
+            nats::ensure_lease_bucket(&self.nats.js, self.settings.worker.lease_ttl, 1).await?;
+        let mut owners = std::collections::HashMap::new();
+        let mut keys = leases.keys().await?;
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if let Some(p) = key.strip_prefix("route.").and_then(|p| p.parse().ok())
+                && let Some(owner) = leases.get(&key).await?
+            {
+                owners.insert(p, String::from_utf8(owner.to_vec())?);
+            }
+        }
+        Ok(owners)
+    }
+
+    /// Waits until every partition of the log is routed and `replicas` listeners share them.
+    pub async fn listeners_spread(
+        &self,
+        replicas: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<std::collections::HashMap<u16, String>> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let owners = self.route_owners().await?;
+            let distinct: std::collections::HashSet<&String> = owners.values().collect();
+            if owners.len() == usize::from(self.settings.partitions) && distinct.len() == replicas {
+                return Ok(owners);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "partitions never spread over {replicas} listeners: {owners:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A listener replica with its own settings (e.g. `listener.id`).
+    pub async fn start_listener_with(&self, settings: Settings) -> anyhow::Result<Component> {
+        let nats = nats::connect(&settings.nats_url, "test-listener", false).await?;
+        let listener = grizzly_listener::Listener::new(nats, settings, &self.handlers())?;
         Ok(spawn(|stop| listener.run(stop)))
     }
 
@@ -358,10 +399,6 @@ impl ChildProcess {
             .env(
                 "GRIZZLY_WORKER__ACK_WAIT",
                 humantime::format_duration(settings.worker.ack_wait).to_string(),
-            )
-            .env(
-                "GRIZZLY_LISTENER__ACK_WAIT",
-                humantime::format_duration(settings.listener.ack_wait).to_string(),
             )
             .env("GRIZZLY_WORKER__CLAUDE_BIN", &settings.worker.claude_bin)
             .env("GRIZZLY_METRICS_ADDR", &settings.metrics_addr)

@@ -415,7 +415,9 @@ async fn a_rate_limit_runs_at_most_its_limit_per_period_and_records_the_rest() -
         "events.feed.*.item",
         "rate_limit: { limit: 2, period: 1s, key: \"{{ data.source }}\" }",
     );
-    let _listener = env.start_listener().await?;
+    // Two replicas decide for the flood's partitions side by side, one window per source.
+    let _listeners = [env.start_listener().await?, env.start_listener().await?];
+    env.listeners_spread(2, DEADLINE).await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     // A flood of 30 from source `noisy` over ~1.5 s, and 2 from `quiet` in the middle.

@@ -20,7 +20,7 @@
 //! | SIGKILL `nats-server`, restart on the same store | the first outcome stored after the restart |
 //! | SIGSTOP a worker past `ack_wait` (other worker takes over), SIGCONT | as for SIGKILL worker |
 //! | SIGSTOP the only worker until its leases expire and past `ack_wait`, SIGCONT | its first outcome after SIGCONT |
-//! | SIGSTOP the listener past `ack_wait`, SIGCONT | its first outcome after SIGCONT |
+//! | SIGSTOP the listener past its lease, SIGCONT | its first outcome after SIGCONT |
 //! | handlers failing 5% / hanging 1% | the longest failed attempt start → success |
 //! | poison at 4% each kind | the longest append → dead letter |
 //! | `EVENTS` full (`max_bytes` lowered, then restored) | from restoring: the first outcome |
@@ -175,7 +175,7 @@ impl Fault {
             Fault::KillBroker => "SIGKILL+restart nats-server",
             Fault::StopWorker => "SIGSTOP worker > ack_wait",
             Fault::StopOnlyWorker => "SIGSTOP the only worker > ack_wait",
-            Fault::StopListener => "SIGSTOP the listener > ack_wait",
+            Fault::StopListener => "SIGSTOP the listener > lease",
             Fault::HandlerFaults => "handlers fail 5%/hang 1%",
             Fault::Poison => "poison (bad JSON/oversized/doomed)",
             Fault::StorageFull => "EVENTS storage full",
@@ -1577,14 +1577,13 @@ async fn inject(
             let pid = cluster.listener.as_ref().expect("a listener").pid();
             injected.at = Some(SystemTime::now());
             signal(pid, "STOP");
-            // The fault's duration: past the ack wait, so what it was given is due again.
-            tokio::time::sleep(env.settings.listener.ack_wait + Duration::from_secs(1)).await;
+            // The fault's duration: past the lease, so its partitions are free and it must
+            // claim them again (from their cursors) when it resumes.
+            let past = env.settings.worker.lease_ttl * 2 + Duration::from_secs(1);
+            tokio::time::sleep(past).await;
             injected.resumed = Some(SystemTime::now());
             signal(pid, "CONT");
-            injected.note = format!(
-                "stopped {:.1}s",
-                (env.settings.listener.ack_wait + Duration::from_secs(1)).as_secs_f64()
-            );
+            injected.note = format!("stopped {:.1}s", past.as_secs_f64());
         }
         Fault::HandlerFaults | Fault::Poison => {
             injected.at = Some(SystemTime::now());

@@ -4,9 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{self, PullConsumer};
-use grizzly_shared::nats::{EVENTS_STREAM, LISTENER_CONSUMER, TASKS_STREAM};
+use futures::StreamExt as _;
+use grizzly_shared::nats::TASKS_STREAM;
 use grizzly_tests::{LoggedEvent, TestEnv};
 use serde_json::json;
 
@@ -165,7 +166,9 @@ async fn a_throttled_handler_never_exceeds_its_rate_and_loses_nothing() -> anyho
         "events.api.*.call",
         "concurrency: 4\nthrottle: { limit: 5, period: 1s }",
     );
-    let _listener = env.start_listener().await?;
+    // Two replicas route the flood's partitions side by side and share the schedule.
+    let _listeners = [env.start_listener().await?, env.start_listener().await?];
+    env.listeners_spread(2, DEADLINE).await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     // A 10 s flood: 5 events every 250 ms (20/s), four times the limit.
@@ -207,19 +210,16 @@ async fn a_throttled_handler_never_exceeds_its_rate_and_loses_nothing() -> anyho
 }
 
 #[tokio::test]
-async fn listener_fail_over_keeps_per_aggregate_order_without_losing_or_duplicating()
+async fn listener_replicas_share_partitions_and_a_killed_ones_move_without_loss_or_reordering()
 -> anyhow::Result<()> {
-    let mut env = TestEnv::start().await?;
-    // Redeliveries come long after a standby takes over (5 s): order holds only if the new
-    // active listener routes the events the dead one held before newer ones.
-    env.settings.listener.ack_wait = Duration::from_secs(60);
+    let env = TestEnv::start().await?;
     handler(&env, "ordered", "events.acct.*.op", "concurrency: 4");
     let publish = |ns: std::ops::Range<u64>| {
         let js = env.nats.js.clone();
         async move {
             for n in ns {
                 js.publish(
-                    format!("events.acct.a{}.op", n % 10),
+                    format!("events.acct.a{}.op", n % 20),
                     json!({"n": n}).to_string().into(),
                 )
                 .await?;
@@ -228,48 +228,56 @@ async fn listener_fail_over_keeps_per_aggregate_order_without_losing_or_duplicat
             anyhow::Ok(())
         }
     };
-    // The first listener routes alone, so it holds the pin.
-    let first = env.start_listener().await?;
+    let replica = |id: &str| {
+        let mut s = env.settings.clone();
+        s.listener.id = Some(id.to_string());
+        env.start_listener_with(s)
+    };
+    let mut replicas = HashMap::new();
+    for id in ["l1", "l2", "l3"] {
+        replicas.insert(id, replica(id).await?);
+    }
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     let mut dlq = env.watch_dlq().await?;
+    let partitions = env.settings.partitions;
+
+    // The replicas share the partitions: every one is routed, and by all three replicas.
+    let owners = env.listeners_spread(3, DEADLINE).await?;
+    assert_eq!(owners.len(), usize::from(partitions));
     publish(0..100).await?;
     watch
         .wait_for_type("handler_succeeded", 100, DEADLINE)
         .await?;
-    let _standbys = [env.start_listener().await?, env.start_listener().await?];
-    let mut consumer: PullConsumer = env
+
+    // The victim holds events it cannot write when it dies: TASKS refuses every write.
+    let victim = owners[&0].clone();
+    let victim_partitions: Vec<u16> = owners
+        .iter()
+        .filter(|(_, o)| **o == victim)
+        .map(|(p, _)| *p)
+        .collect();
+    let cursors = env
         .nats
         .js
-        .get_consumer_from_stream(LISTENER_CONSUMER, EVENTS_STREAM)
+        .get_key_value(grizzly_shared::nats::CURSORS_BUCKET)
         .await?;
-    let until = tokio::time::Instant::now() + DEADLINE;
-    let mut wait_for = async |what: &str, done: &dyn Fn(&consumer::Info) -> bool| {
-        loop {
-            let info = consumer.info().await?;
-            if done(info) {
-                return anyhow::Ok(());
-            }
-            anyhow::ensure!(tokio::time::Instant::now() < until, "{what}: {info:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    // Both standbys pull (their stream set-up, which would undo the change below, is done).
-    wait_for("the standbys never pulled", &|i| i.num_waiting >= 3).await?;
-
-    // TASKS refuses every write: the active listener is given the next events and cannot
-    // finish them (delivered, not acked) when it dies.
     let mut tasks = env.nats.js.get_stream(TASKS_STREAM).await?;
     let mut config = tasks.info().await?.config.clone();
     let room = config.max_bytes;
     config.max_bytes = 1;
     env.nats.js.update_stream(&config).await?;
     publish(100..200).await?;
-    wait_for("the active listener never held the events", &|i| {
-        i.num_ack_pending >= 100
-    })
-    .await?;
-    first.abort();
+    // Two cursor writes of the victim's after the publish: it has had a lease round to read
+    // them (its cursor cannot pass them: nothing is confirmed).
+    let mut revisions = cursors.watch("cursor.0").await?;
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, revisions.next())
+            .await?
+            .context("cursor watch ended")??;
+    }
+    replicas.remove(victim.as_str()).expect("victim").abort();
+    let killed = tokio::time::Instant::now();
     config.max_bytes = room;
     env.nats.js.update_stream(&config).await?;
     // Newer events of the same accounts, and one that is not JSON.
@@ -277,6 +285,25 @@ async fn listener_fail_over_keeps_per_aggregate_order_without_losing_or_duplicat
     env.publish_raw("events.acct.a3.op", "not json").await?;
     publish(250..300).await?;
 
+    // The victim's partitions move to the survivors.
+    loop {
+        let owners = env.route_owners().await?;
+        if victim_partitions
+            .iter()
+            .all(|p| owners.get(p).is_some_and(|o| *o != victim))
+        {
+            println!(
+                "partitions {victim_partitions:?} of {victim} taken over {:.1}s after the kill",
+                killed.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        anyhow::ensure!(
+            killed.elapsed() < DEADLINE,
+            "nobody took over {victim_partitions:?}: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     watch
         .wait_for_type("handler_succeeded", 300, DEADLINE)
         .await?;
@@ -291,7 +318,7 @@ async fn listener_fail_over_keeps_per_aggregate_order_without_losing_or_duplicat
             .entry(o["event_id"].as_str().unwrap().to_string())
             .or_default() += 1;
         let n = o["output"]["n"].as_u64().unwrap();
-        per_account.entry(n % 10).or_default().push(n);
+        per_account.entry(n % 20).or_default().push(n);
     }
     assert_eq!(per_event.len(), 300, "none lost");
     assert!(per_event.values().all(|c| *c == 1), "none handled twice");
