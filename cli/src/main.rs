@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+// `grizzly dev` and `grizzly bench` run the listener and worker in this process: the same
+// allocator as their own binaries (see `grizzly-listener`), so the bench measures what ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = grizzly_cli::Cli::parse();
