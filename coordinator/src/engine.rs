@@ -584,9 +584,10 @@ impl PartitionEngine {
                             return;
                         }
                     };
+                    let catalog = shared.registry.catalog();
                     let ctx = Ctx {
                         def: &def.spec,
-                        catalog: &shared.registry.catalog,
+                        catalog: &catalog,
                         now_ms: now_ms(),
                         cause: event,
                     };
@@ -608,9 +609,10 @@ impl PartitionEngine {
                             return;
                         }
                     };
+                    let catalog = shared.registry.catalog();
                     let ctx = Ctx {
                         def: &def.spec,
-                        catalog: &shared.registry.catalog,
+                        catalog: &catalog,
                         now_ms: now_ms(),
                         cause: event,
                     };

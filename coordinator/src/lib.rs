@@ -96,8 +96,8 @@ impl Coordinator {
                 self.settings.handlers_dir.display()
             )
         })?;
-        // Steps call the version the handler registry routes new events to (read at start;
-        // files are registered first, as every component does).
+        // Steps call the version the handler registry routes new events to (files are
+        // registered first, as every component does; changes are followed below).
         let handler_registry =
             grizzly_shared::registry::HandlerRegistry::open(js, self.settings.streams.replicas)
                 .await?;
@@ -106,11 +106,7 @@ impl Coordinator {
             .await
             .context("registering handler files")?;
         let snapshot = handler_registry.snapshot().await?;
-        let handlers: Vec<_> = snapshot
-            .routed()
-            .into_iter()
-            .filter_map(|r| r.handler(&self.settings.handlers_dir).ok())
-            .collect();
+        let handlers = routed_handlers(&snapshot, &self.settings.handlers_dir);
         let workflows =
             dsl::load_dir(&self.settings.workflows_dir, &handlers).with_context(|| {
                 format!(
@@ -134,6 +130,24 @@ impl Coordinator {
             settings: self.settings.clone(),
             registry: Registry::new(workflows, Catalog::from_handlers(&handlers), pinned),
             checkpoints,
+        });
+        let (registry_tx, mut registry_rx) = tokio::sync::watch::channel(snapshot);
+        tokio::spawn(grizzly_shared::registry::follow(
+            handler_registry,
+            registry_tx,
+            shutdown.clone(),
+        ));
+        let following = shared.clone();
+        tokio::spawn(async move {
+            while registry_rx.changed().await.is_ok() {
+                let now = registry_rx.borrow_and_update().clone();
+                let handlers = routed_handlers(&now, &following.settings.handlers_dir);
+                following.registry.set_handlers(&handlers);
+                info!(
+                    handlers = handlers.len(),
+                    "steps follow the handler registry"
+                );
+            }
         });
         let mut owned: HashMap<String, Owned> = HashMap::new();
         let mut tick = tokio::time::interval(self.settings.worker.lease_ttl / 3);
@@ -260,4 +274,23 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// The version of each handler that new events (and new steps) go to; a version that does not
+/// load is left out, loudly.
+fn routed_handlers(
+    snapshot: &grizzly_shared::registry::RegistrySnapshot,
+    dir: &std::path::Path,
+) -> Vec<grizzly_shared::handler::LoadedHandler> {
+    snapshot
+        .routed()
+        .into_iter()
+        .filter_map(|r| match r.handler(dir) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                warn!(handler = %r.name, version = r.version, error = %e, "registered handler does not load; steps do not call it");
+                None
+            }
+        })
+        .collect()
 }

@@ -43,7 +43,8 @@ pub async fn ensure_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::
 pub struct Registry {
     /// Loaded from disk: (name, version) → workflow.
     disk: BTreeMap<(String, u32), Arc<LoadedWorkflow>>,
-    pub catalog: Catalog,
+    /// Replaced whole when the handler registry changes (see [`Registry::set_handlers`]).
+    catalog: std::sync::RwLock<Arc<Catalog>>,
     kv: kv::Store,
     pinned: Mutex<HashMap<(String, u32), Arc<LoadedWorkflow>>>,
 }
@@ -57,10 +58,24 @@ impl Registry {
         }
         Self {
             disk,
-            catalog,
+            catalog: std::sync::RwLock::new(Arc::new(catalog)),
             kv,
             pinned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What steps resolve against now: handler versions and capabilities, workflow versions.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// Follows the handler registry: steps started from now on call the versions it routes new
+    /// events to (a version registered or pinned at run time included).
+    pub fn set_handlers(&self, handlers: &[grizzly_shared::handler::LoadedHandler]) {
+        let mut next = Catalog::from_handlers(handlers);
+        let mut catalog = self.catalog.write().expect("catalog lock");
+        next.workflows = catalog.workflows.clone();
+        *catalog = Arc::new(next);
     }
 
     /// The newest version of each workflow on disk.
@@ -94,7 +109,7 @@ impl Registry {
         let version = match version {
             Some(v) => v,
             None => *self
-                .catalog
+                .catalog()
                 .workflows
                 .get(name)
                 .ok_or_else(|| format!("unknown workflow `{name}`"))?,

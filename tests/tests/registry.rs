@@ -321,3 +321,71 @@ async fn a_pinned_version_takes_new_events_and_bad_requests_are_refused() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn workflow_steps_follow_a_version_registered_at_run_time() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let script = env.write_script("step.py", SCRIPT);
+    env.write_handler("step", &handler_yaml(&script, 1));
+    std::fs::write(
+        env.settings.workflows_dir.join("order.yaml"),
+        "name: order\non: [\"events.order.*.placed\"]\ndo:\n  - id: work\n    call: step\n",
+    )?;
+    let _worker = env.start_worker().await?;
+    let _listener = env.start_listener().await?;
+    let _coordinator = env.start_coordinator().await?;
+    let mut w = env.watch().await?;
+    // Versions of the step outcomes (on the workflow instances' aggregates).
+    let steps = |seen: &[grizzly_tests::LoggedEvent]| -> Vec<u64> {
+        seen.iter()
+            .filter(|e| e.event_type() == "handler_succeeded" && e.subject.contains(".workflow."))
+            .map(|e| e.data()["handler_version"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    env.publish_raw("events.order.o0.placed", "{}").await?;
+    w.wait_until(DEADLINE, |s| steps(s).len() == 1).await?;
+    assert_eq!(steps(&w.seen), [1]);
+
+    // v2 registered while the coordinator runs: new steps call it, no restart needed.
+    let v2 = env.path().join("step-v2.yaml");
+    std::fs::write(&v2, handler_yaml(&script, 2))?;
+    let (ok, _, out) = grizzly(&env, &["handler", "register", v2.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    let mut n = 0;
+    while !steps(&w.seen).contains(&2) {
+        n += 1;
+        assert!(n < 20, "new steps never called v2: {:?}", steps(&w.seen));
+        env.publish_raw(&format!("events.order.o{n}.placed"), "{}")
+            .await?;
+        w.wait_until(DEADLINE, |s| steps(s).len() == n + 1).await?;
+    }
+    // Once a step called v2, every later one does.
+    for i in 0..3 {
+        env.publish_raw(&format!("events.order.p{i}.placed"), "{}")
+            .await?;
+    }
+    w.wait_until(DEADLINE, |s| steps(s).len() == n + 4).await?;
+    assert!(
+        steps(&w.seen)[n + 1..].iter().all(|v| *v == 2),
+        "{:?}",
+        steps(&w.seen)
+    );
+
+    // A pinned older version takes new steps again.
+    let (ok, _, out) = grizzly(&env, &["handler", "pin", "step", "--version", "1"]).await;
+    assert!(ok, "{out}");
+    let mut m = 0;
+    while steps(&w.seen).last() != Some(&1) {
+        m += 1;
+        assert!(
+            m < 20,
+            "new steps never went back to v1: {:?}",
+            steps(&w.seen)
+        );
+        env.publish_raw(&format!("events.order.q{m}.placed"), "{}")
+            .await?;
+        w.wait_until(DEADLINE, |s| steps(s).len() == n + 4 + m)
+            .await?;
+    }
+    Ok(())
+}
