@@ -15,7 +15,8 @@ const DEADLINE: Duration = Duration::from_secs(90);
 
 /// A persistent handler: a batch request is `{"batch_id", "events": [...]}`; it answers with the
 /// `n` of each event and the byte size of each envelope as it received it. `fail` in an event's
-/// data makes the whole request fail; `sleep` (seconds) makes it slow.
+/// data makes the whole request fail; `sleep` (seconds) makes it slow. Its first argument, if
+/// any, is echoed as `ran_on`.
 const BATCHER: &str = r#"
 import json, sys, time
 for line in sys.stdin:
@@ -27,6 +28,7 @@ for line in sys.stdin:
         continue
     print(json.dumps({"done": True, "output": {
         "batch_id": request.get("batch_id"),
+        "ran_on": sys.argv[1] if len(sys.argv) > 1 else None,
         "n": [e["data"]["n"] for e in events],
         "aggregates": [e["aggregateid"] for e in events],
         "bytes": [len(json.dumps(e, separators=(",", ":"), ensure_ascii=False)) for e in events],
@@ -580,5 +582,85 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_keeps_aggregate_order() -> 
             assert!(prev < n, "{aggregate}: {n} after {prev}");
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_runs_on_the_version_its_tasks_were_routed_to() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let script = env.write_script("versioned.py", BATCHER);
+    let yaml = |version: u32| {
+        format!(
+            "name: versioned\nversion: {version}\non: [\"events.vb.*.go\"]\nkind: process\nconcurrency: 1\ncommand: [\"python3\", \"{}\", \"v{version}\"]\nbatch: {{ max_size: 10, max_wait: 1s }}\n",
+            script.display()
+        )
+    };
+    env.write_handler("versioned", &yaml(1));
+    let _listener = env.start_listener().await?;
+    let mut watch = env.watch().await?;
+    let publish = |n: u64| env.publish_raw("events.vb.one.go", json!({"n": n}).to_string());
+    // One aggregate, so every task is in one lane of one partition: without a worker they wait
+    // in TASKS, routed first to v1, then — once v2 is registered — to v2.
+    for n in 0..3 {
+        publish(n).await?;
+    }
+    tasks_waiting(&env, 3).await?;
+    let v2 = env.path().join("versioned-v2.yaml");
+    std::fs::write(&v2, yaml(2))?;
+    let out = env
+        .grizzly()
+        .args(["handler", "register", v2.to_str().unwrap()])
+        .output()
+        .await?;
+    assert!(out.status.success(), "{out:?}");
+    let mut tasks = env.nats.js.get_stream(TASKS_STREAM).await?;
+    let mut n = 3;
+    loop {
+        publish(n).await?;
+        n += 1;
+        tasks_waiting(&env, n).await?;
+        let last = tasks.info().await?.state.last_sequence;
+        let task: Value = serde_json::from_slice(&tasks.get_raw_message(last).await?.payload)?;
+        if task["handler_version"] == 2 {
+            break;
+        }
+        anyhow::ensure!(n < 20, "the listener never routed to v2");
+    }
+    publish(n).await?;
+    let total = n + 1;
+    tasks_waiting(&env, total).await?;
+
+    // The worker finds both versions' tasks at once.
+    let _worker = env.start_worker().await?;
+    watch
+        .wait_until(DEADLINE, |s| {
+            succeeded(s, "versioned").len() == total as usize
+        })
+        .await?;
+    let done = succeeded(&watch.seen, "versioned");
+    for (_, members) in batches(&done) {
+        let version = &members[0]["handler_version"];
+        for o in &members {
+            assert_eq!(
+                &o["handler_version"], version,
+                "one version per batch: {members:?}"
+            );
+            assert_eq!(o["output"]["ran_on"], json!(format!("v{version}")), "{o}");
+        }
+    }
+    let v1 = done.iter().filter(|o| o["handler_version"] == 1).count();
+    assert!(v1 >= 3 && v1 < total as usize, "{done:?}");
+    // In log order: the lane's v1 events ran before its v2 events.
+    let ns: Vec<u64> = batches(&done)
+        .iter()
+        .flat_map(|(_, m)| {
+            m.iter().map(|o| {
+                o["output"]["n"][o["batch_index"].as_u64().unwrap() as usize]
+                    .as_u64()
+                    .unwrap()
+            })
+        })
+        .collect();
+    assert!(ns.windows(2).all(|w| w[0] < w[1]), "{ns:?}");
     Ok(())
 }

@@ -82,11 +82,14 @@ impl Collector {
         })
     }
 
+    /// The batch a task joins: its key, within the handler version it was routed to (a batch
+    /// runs on one version, so tasks of two live versions never share one).
     fn key_of(&self, task: &Task) -> String {
-        KeyTemplate::render_opt(self.key.as_ref(), &task.event).unwrap_or_else(|e| {
+        let key = KeyTemplate::render_opt(self.key.as_ref(), &task.event).unwrap_or_else(|e| {
             warn!(event = %task.event.id, error = %e, "batch.key does not render; using the default batch");
             String::new()
-        })
+        });
+        format!("v{}/{key}", task.handler_version)
     }
 
     /// Moves every ready task of `schedule` into a batch (see the module docs).
@@ -228,8 +231,48 @@ pub(crate) async fn execute_batch(
     batch: Batch,
     _slots: Slots,
 ) {
-    let spec = &ctx.handler.spec;
     let (msgs, tasks): (Vec<_>, Vec<_>) = batch.members.into_iter().unzip();
+    // The version its tasks were routed to (all the same, see `Collector::key_of`).
+    let version = tasks[0].handler_version;
+    let resolved;
+    let ctx = if version == ctx.handler.spec.version {
+        ctx
+    } else {
+        match env.versions.resolve(ctx.name(), version).await {
+            Ok(c) => {
+                resolved = c;
+                &*resolved
+            }
+            Err(reason) => {
+                warn!(handler = %ctx.name(), version, %reason, "batch cannot run; dead-lettering its events");
+                let error = InvokeError::Start(reason);
+                let history = vec![AttemptError {
+                    attempt: 1,
+                    error: error.to_string(),
+                    at: now_rfc3339(),
+                }];
+                for (msg, task) in msgs.iter().zip(&tasks) {
+                    let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+                    write_failure(
+                        ctx,
+                        env,
+                        task,
+                        delivery,
+                        1,
+                        0,
+                        &error,
+                        false,
+                        Default::default(),
+                    )
+                    .await;
+                    write_dead_letter(ctx, env, msg, task, delivery, &error, history.clone()).await;
+                }
+                ack_all(&msgs).await;
+                return;
+            }
+        }
+    };
+    let spec = &ctx.handler.spec;
     let mut parts = vec!["batch", ctx.name()];
     parts.extend(tasks.iter().map(|t| t.event.id.as_str()));
     let input = BatchInput {
