@@ -1,6 +1,6 @@
 //! Fault injection (issue 8, "Prove the promises"): a steady stream of events over 30
-//! aggregates runs through real `grizzly-listener` / `grizzly-worker` / `grizzly-coordinator`
-//! child processes and a real `nats-server`; two `process` handlers (`ledger`, `audit`) take
+//! aggregates runs through real `grizzly-listener` (two replicas sharing the log's partitions) /
+//! `grizzly-worker` / `grizzly-coordinator` child processes and a real `nats-server`; two `process` handlers (`ledger`, `audit`) take
 //! every `op` event, an always-failing one takes `doom` events, and a `claude` handler (the real
 //! Claude Code CLI against the fake Messages API) takes one turn in 50, emitting an event through
 //! MCP. One event in 20 starts a workflow instance (`order`: `reserve` and `charge`, both with a
@@ -13,14 +13,14 @@
 //!
 //! | fault | recovery time: from the fault to ... |
 //! |---|---|
-//! | SIGKILL the listener (a new one is started) | the first outcome of an event appended after it |
+//! | SIGKILL one of the two listeners (a new one is started) | the first outcome of an event appended after it in a partition the victim routed |
 //! | SIGKILL a worker (a new one is started) | the first outcome in its partitions by another worker |
 //! | SIGKILL the coordinator (a new one is started) | the first workflow transition caused by an event appended after it |
-//! | SIGKILL listener + both workers + coordinator (all restarted) | the later of: the first outcome of a newer event by a new worker, the first transition caused by a newer event |
+//! | SIGKILL both listeners + both workers + coordinator (all restarted) | the later of: the first outcome of a newer event by a new worker, the first transition caused by a newer event |
 //! | SIGKILL `nats-server`, restart on the same store | the first outcome stored after the restart |
 //! | SIGSTOP a worker past `ack_wait` (other worker takes over), SIGCONT | as for SIGKILL worker |
 //! | SIGSTOP the only worker until its leases expire and past `ack_wait`, SIGCONT | its first outcome after SIGCONT |
-//! | SIGSTOP the listener past its lease, SIGCONT | its first outcome after SIGCONT |
+//! | SIGSTOP one of the two listeners past its lease, SIGCONT | as for SIGKILL listener |
 //! | handlers failing 5% / hanging 1% | the longest failed attempt start → success |
 //! | poison at 4% each kind | the longest append → dead letter |
 //! | `EVENTS` full (`max_bytes` lowered, then restored) | from restoring: the first outcome |
@@ -168,14 +168,14 @@ enum Fault {
 impl Fault {
     fn label(self) -> &'static str {
         match self {
-            Fault::KillListener => "SIGKILL listener",
+            Fault::KillListener => "SIGKILL 1 of 2 listeners",
             Fault::KillWorker => "SIGKILL worker",
             Fault::KillCoordinator => "SIGKILL coordinator",
-            Fault::KillAll => "SIGKILL listener+coord.+2 workers",
+            Fault::KillAll => "SIGKILL everything but the broker",
             Fault::KillBroker => "SIGKILL+restart nats-server",
             Fault::StopWorker => "SIGSTOP worker > ack_wait",
             Fault::StopOnlyWorker => "SIGSTOP the only worker > ack_wait",
-            Fault::StopListener => "SIGSTOP the listener > lease",
+            Fault::StopListener => "SIGSTOP 1 of 2 listeners > lease",
             Fault::HandlerFaults => "handlers fail 5%/hang 1%",
             Fault::Poison => "poison (bad JSON/oversized/doomed)",
             Fault::StorageFull => "EVENTS storage full",
@@ -535,7 +535,9 @@ impl Publisher {
 // Components as real processes
 
 struct Cluster {
-    listener: Option<ChildProcess>,
+    /// Two listener replicas sharing the log's partitions, as deployed.
+    listeners: Vec<(String, ChildProcess)>,
+    next_listener: usize,
     coordinator: Option<ChildProcess>,
     workers: Vec<(String, ChildProcess)>,
     /// Every worker process started, killed ones included.
@@ -558,15 +560,17 @@ fn component_env(worker_id: Option<&str>) -> Vec<(&'static str, String)> {
 }
 
 impl Cluster {
-    /// The listener and the coordinator; workers are started one by one.
+    /// Two listeners and the coordinator; workers are started one by one.
     fn start(env: &TestEnv) -> anyhow::Result<Self> {
         let mut c = Self {
-            listener: None,
+            listeners: Vec::new(),
+            next_listener: 1,
             coordinator: None,
             workers: Vec::new(),
             worker_pids: Vec::new(),
             next_worker: 1,
         };
+        c.start_listener(env)?;
         c.start_listener(env)?;
         c.start_coordinator(env)?;
         Ok(c)
@@ -581,13 +585,19 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_listener(&mut self, env: &TestEnv) -> anyhow::Result<()> {
-        self.listener = Some(ChildProcess::start(
-            "grizzly-listener",
-            &env.settings,
-            &component_env(None),
-        )?);
-        Ok(())
+    fn start_listener(&mut self, env: &TestEnv) -> anyhow::Result<String> {
+        let id = format!("l{}", self.next_listener);
+        self.next_listener += 1;
+        let mut vars = component_env(None);
+        vars.push(("GRIZZLY_LISTENER__ID", id.clone()));
+        let child = ChildProcess::start("grizzly-listener", &env.settings, &vars)?;
+        self.listeners.push((id.clone(), child));
+        Ok(id)
+    }
+
+    /// Removes the first listener from the cluster: (its id, its process).
+    fn take_listener(&mut self) -> (String, ChildProcess) {
+        self.listeners.remove(0)
     }
 
     fn start_worker(&mut self, env: &TestEnv) -> anyhow::Result<String> {
@@ -617,7 +627,7 @@ impl Cluster {
     /// SIGTERM everything and wait for the processes to drain and exit (SIGKILL after 20 s).
     async fn stop(mut self) {
         let mut children: Vec<ChildProcess> = self.workers.drain(..).map(|(_, c)| c).collect();
-        children.extend(self.listener.take());
+        children.extend(self.listeners.drain(..).map(|(_, c)| c));
         children.extend(self.coordinator.take());
         for c in &children {
             signal(c.pid(), "TERM");
@@ -657,6 +667,49 @@ async fn leases(env: &TestEnv) -> anyhow::Result<HashMap<String, String>> {
     Ok(out)
 }
 
+/// The listener partitions `id` routes now (`route.<p>` leases).
+async fn routed_by(env: &TestEnv, id: &str) -> anyhow::Result<HashSet<String>> {
+    let kv = env.nats.js.get_key_value(LEASES_BUCKET).await?;
+    let mut out = HashSet::new();
+    let mut keys = kv.keys().await?;
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        if key.starts_with("route.")
+            && kv
+                .get(&key)
+                .await?
+                .is_some_and(|v| v.as_ref() == id.as_bytes())
+        {
+            out.insert(key);
+        }
+    }
+    ensure!(!out.is_empty(), "listener {id} routes no partition");
+    Ok(out)
+}
+
+/// Waits until every listener in `ids` routes at least one partition of the log.
+async fn wait_listeners_share(
+    env: &TestEnv,
+    ids: &[String],
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + deadline;
+    loop {
+        let mut all = true;
+        for id in ids {
+            all &= routed_by(env, id).await.is_ok();
+        }
+        if all {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "listeners {ids:?} never shared the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until every worker in `ids` owns at least one partition of `ledger`.
 async fn wait_balanced(env: &TestEnv, ids: &[&str], deadline: Duration) -> anyhow::Result<()> {
     let until = Instant::now() + deadline;
@@ -679,6 +732,13 @@ async fn wait_balanced(env: &TestEnv, ids: &[&str], deadline: Duration) -> anyho
 }
 
 /// The lease key of the partition an outcome belongs to.
+/// The listener lease of the partition an event's aggregate belongs to.
+fn route_lease_of(subject: &str, partitions: u16) -> String {
+    let mut tokens = subject.split('.').skip(1);
+    let (t, i) = (tokens.next().unwrap_or(""), tokens.next().unwrap_or(""));
+    format!("route.{}", partition_for(&format!("{t}/{i}"), partitions))
+}
+
 fn lease_of(handler: &str, subject: &str, partitions: u16) -> String {
     let mut tokens = subject.split('.').skip(1);
     let (t, i) = (tokens.next().unwrap_or(""), tokens.next().unwrap_or(""));
@@ -1275,6 +1335,8 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     let fake = FakeMessagesApi::start(FakeApiConfig::default()).await?;
     write_handlers(&env, &fake)?;
     let mut cluster = Cluster::start(&env)?;
+    let listener_ids: Vec<String> = cluster.listeners.iter().map(|(id, _)| id.clone()).collect();
+    wait_listeners_share(&env, &listener_ids, Duration::from_secs(30)).await?;
     let first = cluster.start_worker(&env)?;
     wait_balanced(&env, &[&first], Duration::from_secs(30)).await?;
     if fault != Fault::StopOnlyWorker {
@@ -1464,11 +1526,13 @@ async fn inject(
     };
     match fault {
         Fault::KillListener => {
+            let (id, mut victim) = cluster.take_listener();
+            injected.victim_partitions = routed_by(env, &id).await?;
+            victim.kill();
+            // After the kill: an event stored just before it may have been routed by the victim.
             injected.at = Some(SystemTime::now());
-            if let Some(mut l) = cluster.listener.take() {
-                l.kill();
-            }
-            // A supervisor restarts it at once; it becomes active when the dead one's pin lapses.
+            // A supervisor restarts it at once; the dead one's partitions move when its leases
+            // lapse, to the other replica or to the new one.
             cluster.start_listener(env)?;
         }
         Fault::KillWorker => {
@@ -1489,7 +1553,7 @@ async fn inject(
         }
         Fault::KillAll => {
             injected.at = Some(SystemTime::now());
-            if let Some(mut l) = cluster.listener.take() {
+            for (_, mut l) in cluster.listeners.drain(..) {
                 l.kill();
             }
             if let Some(mut c) = cluster.coordinator.take() {
@@ -1501,6 +1565,7 @@ async fn inject(
                 cluster.kill_worker(id);
             }
             injected.victims.extend(ids);
+            cluster.start_listener(env)?;
             cluster.start_listener(env)?;
             cluster.start_coordinator(env)?;
             cluster.start_worker(env)?;
@@ -1574,11 +1639,13 @@ async fn inject(
             injected.note = format!("stopped {:.1}s", stopped.elapsed().as_secs_f64());
         }
         Fault::StopListener => {
-            let pid = cluster.listener.as_ref().expect("a listener").pid();
-            injected.at = Some(SystemTime::now());
+            let (id, victim) = &cluster.listeners[0];
+            let pid = victim.pid();
+            injected.victim_partitions = routed_by(env, id).await?;
             signal(pid, "STOP");
-            // The fault's duration: past the lease, so its partitions are free and it must
-            // claim them again (from their cursors) when it resumes.
+            injected.at = Some(SystemTime::now());
+            // The fault's duration: past the lease, so the other replica routes its partitions
+            // meanwhile, and it resumes as a replica whose leases are gone.
             let past = env.settings.worker.lease_ttl * 2 + Duration::from_secs(1);
             tokio::time::sleep(past).await;
             injected.resumed = Some(SystemTime::now());
@@ -1681,16 +1748,22 @@ fn recovery(
         .filter_map(|r| Some((r.event.as_ref()?.id.as_str(), r.stored_at)))
         .collect();
     match fault {
-        // The first outcome of an event appended after the kill: routing is back.
-        Fault::KillListener => first_outcome_after(logs, at, |r| {
-            stored
-                .get(r.str_field("event_id").as_str())
-                .is_some_and(|t| *t > at)
+        // The first outcome of an event appended after the fault in a partition the victim
+        // routed: routing of its partitions is back. (Workflow steps are not routed by the
+        // listener: the coordinator writes their tasks.)
+        Fault::KillListener | Fault::StopListener => first_outcome_after(logs, at, |r| {
+            r.str_field("handler") != "step"
+                && stored
+                    .get(r.str_field("event_id").as_str())
+                    .is_some_and(|t| *t > at)
+                && injected
+                    .victim_partitions
+                    .contains(&route_lease_of(&r.subject, partitions))
         }),
         // The first outcome in a partition the victim owned, written by someone else.
         // The first outcome after the broker (or the only worker) is back, counted from the
         // fault: writes in flight at the kill that landed before it are not recovery.
-        Fault::KillBroker | Fault::StopOnlyWorker | Fault::StopListener => {
+        Fault::KillBroker | Fault::StopOnlyWorker => {
             let resumed = injected.resumed?;
             first_outcome_after(logs, resumed, |_| true)
                 .map(|d| d + resumed.duration_since(at).unwrap_or_default())
