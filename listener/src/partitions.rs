@@ -5,7 +5,8 @@
 //! The [`Manager`] keeps this replica's fair share: every third of `worker.lease_ttl` it
 //! heartbeats `listener.<id>`, renews its leases, writes the routing cursor of each partition it
 //! routes to `grizzly_listener` (`cursor.<p>`: the sequence from which the partition is still to
-//! be routed), gives up partitions over its share and claims free ones up to it. A dead
+//! be routed), gives up partitions over its share (or one, while another live replica holds
+//! fewer than `partitions / replicas`) and claims free ones up to it. A dead
 //! replica's leases expire after `lease_ttl`; the replica that claims a partition starts it
 //! from its cursor. The events between that cursor and what the dead replica had really routed
 //! are routed again — idempotent, task ids derive from the event.
@@ -111,12 +112,27 @@ impl Manager {
         }
         self.write_cursors(owned).await;
 
-        let live = self.live_replicas().await?.max(1);
-        let fair = usize::from(self.partitions).div_ceil(live);
-        if owned.len() > fair {
+        let (live, held) = self.census().await?;
+        let replicas = live.len().max(1);
+        let fair = usize::from(self.partitions).div_ceil(replicas);
+        let floor = usize::from(self.partitions) / replicas;
+        // Over the fair share: give the surplus back. At the fair share while a live replica
+        // holds less than the floor (4 partitions, 3 replicas: 2 + 2 + 0): give one back, so
+        // that every replica routes (2 + 1 + 1) rather than one standing idle.
+        let starving = live
+            .iter()
+            .any(|id| held.get(id).copied().unwrap_or(0) < floor);
+        let keep = if owned.len() > fair {
+            fair
+        } else if starving && owned.len() > floor {
+            owned.len() - 1
+        } else {
+            owned.len()
+        };
+        if owned.len() > keep {
             let mut mine: Vec<u16> = owned.keys().copied().collect();
             mine.sort_unstable();
-            for partition in mine.into_iter().skip(fair) {
+            for partition in mine.into_iter().skip(keep) {
                 self.release(partition, owned).await;
             }
             return Ok(());
@@ -235,14 +251,23 @@ impl Manager {
         }
     }
 
-    async fn live_replicas(&self) -> anyhow::Result<usize> {
-        let mut n = 0;
+    /// The live replicas (from their heartbeats) and how many partitions each routes.
+    async fn census(&self) -> anyhow::Result<(Vec<String>, HashMap<String, usize>)> {
+        let mut live = Vec::new();
+        let mut held: HashMap<String, usize> = HashMap::new();
         let mut keys = self.leases.keys().await?;
         while let Some(key) = keys.next().await {
-            if key?.starts_with("listener.") {
-                n += 1;
+            let key = key?;
+            if let Some(id) = key.strip_prefix("listener.") {
+                live.push(id.to_string());
+            } else if key.starts_with("route.")
+                && let Some(owner) = self.leases.get(&key).await?
+            {
+                *held
+                    .entry(String::from_utf8_lossy(&owner).into_owned())
+                    .or_default() += 1;
             }
         }
-        Ok(n)
+        Ok((live, held))
     }
 }

@@ -687,29 +687,6 @@ async fn routed_by(env: &TestEnv, id: &str) -> anyhow::Result<HashSet<String>> {
     Ok(out)
 }
 
-/// Waits until every listener in `ids` routes at least one partition of the log.
-async fn wait_listeners_share(
-    env: &TestEnv,
-    ids: &[String],
-    deadline: Duration,
-) -> anyhow::Result<()> {
-    let until = Instant::now() + deadline;
-    loop {
-        let mut all = true;
-        for id in ids {
-            all &= routed_by(env, id).await.is_ok();
-        }
-        if all {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < until,
-            "listeners {ids:?} never shared the partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until every worker in `ids` owns at least one partition of `ledger`.
 async fn wait_balanced(env: &TestEnv, ids: &[&str], deadline: Duration) -> anyhow::Result<()> {
     let until = Instant::now() + deadline;
@@ -731,21 +708,21 @@ async fn wait_balanced(env: &TestEnv, ids: &[&str], deadline: Duration) -> anyho
     }
 }
 
-/// The lease key of the partition an outcome belongs to.
-/// The listener lease of the partition an event's aggregate belongs to.
-fn route_lease_of(subject: &str, partitions: u16) -> String {
+/// The partition an event's aggregate belongs to (tasks and listener routing alike).
+fn partition_of(subject: &str, partitions: u16) -> u16 {
     let mut tokens = subject.split('.').skip(1);
     let (t, i) = (tokens.next().unwrap_or(""), tokens.next().unwrap_or(""));
-    format!("route.{}", partition_for(&format!("{t}/{i}"), partitions))
+    partition_for(&format!("{t}/{i}"), partitions)
 }
 
+/// The listener lease of the partition an event belongs to.
+fn route_lease_of(subject: &str, partitions: u16) -> String {
+    format!("route.{}", partition_of(subject, partitions))
+}
+
+/// The lease key of the partition an outcome belongs to.
 fn lease_of(handler: &str, subject: &str, partitions: u16) -> String {
-    let mut tokens = subject.split('.').skip(1);
-    let (t, i) = (tokens.next().unwrap_or(""), tokens.next().unwrap_or(""));
-    format!(
-        "task.{handler}.{}",
-        partition_for(&format!("{t}/{i}"), partitions)
-    )
+    format!("task.{handler}.{}", partition_of(subject, partitions))
 }
 
 fn event_time(e: &LoggedEvent) -> Option<SystemTime> {
@@ -1335,8 +1312,7 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     let fake = FakeMessagesApi::start(FakeApiConfig::default()).await?;
     write_handlers(&env, &fake)?;
     let mut cluster = Cluster::start(&env)?;
-    let listener_ids: Vec<String> = cluster.listeners.iter().map(|(id, _)| id.clone()).collect();
-    wait_listeners_share(&env, &listener_ids, Duration::from_secs(30)).await?;
+    env.listeners_spread(2, Duration::from_secs(30)).await?;
     let first = cluster.start_worker(&env)?;
     wait_balanced(&env, &[&first], Duration::from_secs(30)).await?;
     if fault != Fault::StopOnlyWorker {

@@ -233,16 +233,19 @@ async fn listener_replicas_share_partitions_and_a_killed_ones_move_without_loss_
         s.listener.id = Some(id.to_string());
         env.start_listener_with(s)
     };
+    // Two replicas split the 4 partitions 2 + 2; a third joins (a scale-up) and gets its share.
     let mut replicas = HashMap::new();
-    for id in ["l1", "l2", "l3"] {
+    for id in ["l1", "l2"] {
         replicas.insert(id, replica(id).await?);
     }
+    env.listeners_spread(2, DEADLINE).await?;
+    replicas.insert("l3", replica("l3").await?);
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     let mut dlq = env.watch_dlq().await?;
     let partitions = env.settings.partitions;
 
-    // The replicas share the partitions: every one is routed, and by all three replicas.
+    // Every partition is routed, and by all three replicas.
     let owners = env.listeners_spread(3, DEADLINE).await?;
     assert_eq!(owners.len(), usize::from(partitions));
     publish(0..100).await?;
