@@ -155,6 +155,77 @@ async fn a_thousand_events_over_fifty_aggregates_are_handled_once_each_in_log_or
     Ok(())
 }
 
+#[tokio::test]
+async fn a_third_worker_gets_a_share_of_four_partitions_and_every_event_runs_once_in_order()
+-> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let script = env.write_script("echo.py", ECHO_PROCESS);
+    env.write_handler(
+        "echo",
+        &format!("name: echo\non: [\"events.agent.*.job\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: 4\n", script.display()),
+    );
+    let _listener = env.start_listener().await?;
+    let worker = |id: &str| {
+        let mut s = env.settings.clone();
+        s.worker.id = Some(id.to_string());
+        env.start_worker_with(s)
+    };
+    let leases =
+        grizzly_shared::nats::ensure_lease_bucket(&env.nats.js, env.settings.worker.lease_ttl, 1)
+            .await?;
+    // Partitions of `echo` each worker holds, once every one of `ids` holds at least one.
+    let shared_by = async |ids: &[&str]| -> anyhow::Result<HashMap<String, usize>> {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let mut held: HashMap<String, usize> = HashMap::new();
+            for p in 0..env.settings.partitions {
+                if let Some(owner) = leases.get(format!("task.echo.{p}")).await? {
+                    *held
+                        .entry(String::from_utf8_lossy(&owner).into_owned())
+                        .or_default() += 1;
+                }
+            }
+            if ids.iter().all(|id| held.contains_key(*id)) {
+                return Ok(held);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "{ids:?} never shared the partitions: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _w1 = worker("w1").await?;
+    let _w2 = worker("w2").await?;
+    shared_by(&["w1", "w2"]).await?;
+    // 4 partitions, 3 workers: 2 + 1 + 1, not 2 + 2 + 0.
+    let _w3 = worker("w3").await?;
+    let held = shared_by(&["w1", "w2", "w3"]).await?;
+    assert_eq!(held.values().sum::<usize>(), 4, "{held:?}");
+
+    let mut watch = env.watch().await?;
+    for i in 0..300 {
+        env.nats
+            .js
+            .publish(
+                format!("events.agent.agg{}.job", i % 30),
+                json!({"n": i}).to_string().into(),
+            )
+            .await?;
+    }
+    env.nats.js.wait_for_acks().await;
+    watch
+        .wait_for_type("handler_succeeded", 300, Duration::from_secs(120))
+        .await?;
+    check_exactly_once_in_order(&watch.seen, "echo", 300);
+    let ran_on: HashSet<String> = succeeded_for(&watch.seen, "echo")
+        .iter()
+        .map(|e| e.data()["worker"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ran_on.len(), 3, "every worker ran events: {ran_on:?}");
+    Ok(())
+}
+
 /// Every `job` event has exactly one success for `handler`, and per aggregate the successes are
 /// in the order of the events (their `n`).
 fn check_exactly_once_in_order(all: &[LoggedEvent], handler: &str, expected: usize) {

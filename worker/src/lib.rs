@@ -200,7 +200,7 @@ impl Worker {
                 serde_json::to_vec(&self.heartbeat())?.into(),
             )
             .await?;
-        let live = self.live_workers(leases).await?;
+        let (live, held) = self.census(leases).await?;
 
         // Renew; a failed renewal means someone else owns it now: stop at once.
         let mut lost = Vec::new();
@@ -242,15 +242,33 @@ impl Worker {
         let partitions = self.settings.partitions;
         for ctx in &newest {
             let name = ctx.name();
-            let workers = live.get(name).copied().unwrap_or(0).max(1);
+            let serving = live.get(name).map(Vec::as_slice).unwrap_or_default();
+            let workers = serving.len().max(1);
             let fair = (usize::from(partitions)).div_ceil(workers);
+            let floor = usize::from(partitions) / workers;
             let mine: Vec<u16> = owned
                 .iter()
                 .filter(|((h, _), o)| h == name && !o.releasing)
                 .map(|((_, p), _)| *p)
                 .collect();
-            if mine.len() > fair {
-                for partition in mine.iter().skip(fair) {
+            // Over the fair share: give the surplus back. At it while another worker serving
+            // the handler holds less than the floor (4 partitions, 3 workers: 2 + 2 + 0): give
+            // one back, so every worker gets a share (2 + 1 + 1).
+            let starving = serving.iter().any(|w| {
+                held.get(&(name.to_string(), w.clone()))
+                    .copied()
+                    .unwrap_or(0)
+                    < floor
+            });
+            let keep = if mine.len() > fair {
+                fair
+            } else if starving && mine.len() > floor {
+                mine.len() - 1
+            } else {
+                mine.len()
+            };
+            if mine.len() > keep {
+                for partition in mine.iter().skip(keep) {
                     if let Some(o) = owned.get_mut(&(name.to_string(), *partition)) {
                         info!(
                             handler = name,
@@ -336,25 +354,40 @@ impl Worker {
         json!({"handlers": names, "versions": versions, "open_breakers": open})
     }
 
-    /// Live workers per handler, from their heartbeats.
-    async fn live_workers(&self, leases: &kv::Store) -> anyhow::Result<HashMap<String, usize>> {
-        let mut counts = HashMap::new();
+    /// The live workers serving each handler (from their heartbeats), and how many of the
+    /// handler's partitions each worker holds (from the leases).
+    async fn census(&self, leases: &kv::Store) -> anyhow::Result<(Serving, Held)> {
+        let mut serving: Serving = HashMap::new();
+        let mut held: Held = HashMap::new();
         let mut keys = leases.keys().await?;
         while let Some(key) = keys.next().await {
             let key = key?;
-            if !key.starts_with("worker.") {
-                continue;
-            }
-            if let Some(value) = leases.get(&key).await? {
+            if let Some(worker) = key.strip_prefix("worker.") {
+                let Some(value) = leases.get(&key).await? else {
+                    continue;
+                };
                 let beat: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
                 for h in beat["handlers"].as_array().into_iter().flatten() {
                     if let Some(h) = h.as_str() {
-                        *counts.entry(h.to_string()).or_insert(0) += 1;
+                        serving
+                            .entry(h.to_string())
+                            .or_default()
+                            .push(worker.to_string());
                     }
                 }
+            } else if let Some(lease) = key.strip_prefix("task.")
+                && let Some((handler, _)) = lease.rsplit_once('.')
+                && let Some(owner) = leases.get(&key).await?
+            {
+                *held
+                    .entry((
+                        handler.to_string(),
+                        String::from_utf8_lossy(&owner).into_owned(),
+                    ))
+                    .or_default() += 1;
             }
         }
-        Ok(counts)
+        Ok((serving, held))
     }
 }
 
@@ -376,6 +409,11 @@ fn handler_gauges(versions: Arc<VersionTable>) -> impl Fn() + Send + Sync + 'sta
         }
     }
 }
+
+/// Handler → the live workers serving it.
+type Serving = HashMap<String, Vec<String>>;
+/// (handler, worker) → partitions of the handler the worker holds.
+type Held = HashMap<(String, String), usize>;
 
 fn lease_key(handler: &str, partition: u16) -> String {
     format!("task.{handler}.{partition}")
