@@ -113,22 +113,12 @@ impl Manager {
         self.write_cursors(owned).await;
 
         let (live, held) = self.census().await?;
-        let replicas = live.len().max(1);
-        let fair = usize::from(self.partitions).div_ceil(replicas);
-        let floor = usize::from(self.partitions) / replicas;
-        // Over the fair share: give the surplus back. At the fair share while a live replica
-        // holds less than the floor (4 partitions, 3 replicas: 2 + 2 + 0): give one back, so
-        // that every replica routes (2 + 1 + 1) rather than one standing idle.
-        let starving = live
-            .iter()
-            .any(|id| held.get(id).copied().unwrap_or(0) < floor);
-        let keep = if owned.len() > fair {
-            fair
-        } else if starving && owned.len() > floor {
-            owned.len() - 1
-        } else {
-            owned.len()
-        };
+        let (keep, fair) = grizzly_shared::task::fair_share(
+            self.partitions,
+            owned.len(),
+            live.iter().map(|id| held.get(id).copied().unwrap_or(0)),
+            live.len(),
+        );
         if owned.len() > keep {
             let mut mine: Vec<u16> = owned.keys().copied().collect();
             mine.sort_unstable();

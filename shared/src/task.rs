@@ -91,6 +91,30 @@ impl Task {
     }
 }
 
+/// How many partitions a member of a group sharing `partitions` keeps, holding `mine` of them,
+/// when the others hold `others` (workers serving one handler, listener replicas). Over the
+/// fair share `ceil(partitions / members)`: the surplus goes. At it while another member holds
+/// less than the floor (4 partitions, 3 members: 2 + 2 + 0): one goes, so every member gets a
+/// share (2 + 1 + 1). Returns `(keep, fair)`: claim up to `fair` when keeping all.
+pub fn fair_share(
+    partitions: u16,
+    mine: usize,
+    others: impl IntoIterator<Item = usize>,
+    members: usize,
+) -> (usize, usize) {
+    let members = members.max(1);
+    let fair = usize::from(partitions).div_ceil(members);
+    let floor = usize::from(partitions) / members;
+    let keep = if mine > fair {
+        fair
+    } else if mine > floor && others.into_iter().any(|held| held < floor) {
+        mine - 1
+    } else {
+        mine
+    };
+    (keep, fair)
+}
+
 /// The partition of an aggregate: all events of one aggregate land in one partition, so one
 /// worker at a time sees them, in log order.
 pub fn partition_for(aggregate_key: &str, partitions: u16) -> u16 {

@@ -243,30 +243,21 @@ impl Worker {
         for ctx in &newest {
             let name = ctx.name();
             let serving = live.get(name).map(Vec::as_slice).unwrap_or_default();
-            let workers = serving.len().max(1);
-            let fair = (usize::from(partitions)).div_ceil(workers);
-            let floor = usize::from(partitions) / workers;
             let mine: Vec<u16> = owned
                 .iter()
                 .filter(|((h, _), o)| h == name && !o.releasing)
                 .map(|((_, p), _)| *p)
                 .collect();
-            // Over the fair share: give the surplus back. At it while another worker serving
-            // the handler holds less than the floor (4 partitions, 3 workers: 2 + 2 + 0): give
-            // one back, so every worker gets a share (2 + 1 + 1).
-            let starving = serving.iter().any(|w| {
-                held.get(&(name.to_string(), w.clone()))
-                    .copied()
-                    .unwrap_or(0)
-                    < floor
-            });
-            let keep = if mine.len() > fair {
-                fair
-            } else if starving && mine.len() > floor {
-                mine.len() - 1
-            } else {
-                mine.len()
-            };
+            let (keep, fair) = grizzly_shared::task::fair_share(
+                partitions,
+                mine.len(),
+                serving.iter().map(|w| {
+                    held.get(&(name.to_string(), w.clone()))
+                        .copied()
+                        .unwrap_or(0)
+                }),
+                serving.len(),
+            );
             if mine.len() > keep {
                 for partition in mine.iter().skip(keep) {
                     if let Some(o) = owned.get_mut(&(name.to_string(), *partition)) {
