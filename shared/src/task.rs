@@ -92,31 +92,56 @@ impl Task {
 }
 
 /// How many partitions a member of a group sharing `partitions` keeps, holding `mine` of them,
-/// when the others hold `others` (workers serving one handler, listener replicas). Over the
-/// fair share `ceil(partitions / members)`: the surplus goes. At it while another member holds
-/// less than the floor (4 partitions, 3 members: 2 + 2 + 0): one goes, so every member gets a
-/// share (2 + 1 + 1). Returns `(keep, fair)`: claim up to `fair` when keeping all.
+/// when the members hold `held` each (workers serving one handler, listener replicas; the
+/// member itself included). Over the fair share `ceil(partitions / members)`: the surplus goes.
+/// At it while another member holds less than the floor (4 partitions, 3 members: 2 + 2 + 0):
+/// one goes, so every member gets a share (2 + 1 + 1). Returns `(keep, claim_to)`: claim up to
+/// `claim_to` when keeping all. While a member is below the floor that is the floor, so the
+/// partition just given back goes to the member short of it, not back to the one that freed it.
 pub fn fair_share(
     partitions: u16,
     mine: usize,
-    others: impl IntoIterator<Item = usize>,
+    held: impl IntoIterator<Item = usize>,
     members: usize,
 ) -> (usize, usize) {
     let members = members.max(1);
     let fair = usize::from(partitions).div_ceil(members);
     let floor = usize::from(partitions) / members;
+    let someone_short = held.into_iter().any(|h| h < floor);
     let keep = if mine > fair {
         fair
-    } else if mine > floor && others.into_iter().any(|held| held < floor) {
+    } else if mine > floor && someone_short {
         mine - 1
     } else {
         mine
     };
-    (keep, fair)
+    let claim_to = if someone_short { floor } else { fair };
+    (keep, claim_to)
 }
 
 /// The partition of an aggregate: all events of one aggregate land in one partition, so one
 /// worker at a time sees them, in log order.
 pub fn partition_for(aggregate_key: &str, partitions: u16) -> u16 {
     (stable_hash(aggregate_key) % u64::from(partitions.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_share;
+
+    #[test]
+    fn surplus_goes_and_a_member_short_of_the_floor_gets_one() {
+        // 4 partitions, 3 members holding 2 + 2 + 0: each of the two gives one back and claims
+        // nothing more while the third is short.
+        assert_eq!(fair_share(4, 2, [2, 2, 0], 3), (1, 1));
+        // The third claims up to the floor.
+        assert_eq!(fair_share(4, 0, [1, 1, 0], 3), (0, 1));
+        // Once nobody is short, the last free partition may go to anyone.
+        assert_eq!(fair_share(4, 1, [1, 1, 1], 3), (1, 2));
+        // Over the fair share: down to it.
+        assert_eq!(fair_share(4, 4, [4, 0], 2), (2, 2));
+        // More members than partitions: nobody is ever short of a floor of zero.
+        assert_eq!(fair_share(2, 1, [1, 1, 0], 3), (1, 1));
+        assert_eq!(fair_share(2, 0, [1, 1, 0], 3), (0, 1));
+    }
 }
