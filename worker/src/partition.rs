@@ -269,6 +269,11 @@ impl PartitionRunner {
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: self.env.ack_wait,
                 max_ack_pending: self.max_ack_pending,
+                // Its state is only the deliveries in flight: an acked task is deleted from the
+                // work queue, and a lost consumer (broker restart) is recreated and redelivers
+                // every task still there. On disk, each of the many partition consumers wrote
+                // its state file up to 10 times a second (a synced write with fsync always).
+                memory_storage: true,
                 ..Default::default()
             })
             .await?;
