@@ -63,6 +63,9 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub count: Option<usize>,
+    /// Print what the log holds now and exit instead of waiting for new events.
+    #[arg(long)]
+    pub no_follow: bool,
 }
 
 #[derive(clap::Args)]
@@ -185,46 +188,59 @@ async fn tail(settings: &Settings, args: TailArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         })
         .await?;
+    // Nothing to show and nothing to wait for: the pending count rides on messages only.
+    if args.no_follow && consumer.cached_info().num_pending == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut messages = consumer.messages().await?;
     let mut printed = 0;
     while let Some(msg) = messages.next().await {
         let msg = msg?;
-        if !pattern_matches(&args.filter, msg.subject.as_str()) {
-            continue;
+        let caught_up = msg.info().is_ok_and(|i| i.pending == 0);
+        if show(&args, &msg)? {
+            printed += 1;
         }
-        let stored = StoredMessage::from_jetstream(&msg).map_err(anyhow::Error::msg)?;
-        let event = EventEnvelope::from_stored(&stored, usize::MAX);
-        if let Some(wanted) = &args.source
-            && !event
-                .as_ref()
-                .is_ok_and(|e| source_matches(wanted, &e.source))
-        {
-            continue;
-        }
-        let seq = stored.stream_sequence;
-        let subject = msg.subject.as_str();
-        if args.json {
-            let line = match &event {
-                Ok(e) => json!({"seq": seq, "subject": subject, "event": e}),
-                Err(err) => json!({"seq": seq, "subject": subject, "error": err.to_string()}),
-            };
-            println!("{line}");
-        } else {
-            let what = match &event {
-                Ok(e) => short(&e.data, 100),
-                Err(err) => format!("(invalid: {err})"),
-            };
-            println!(
-                "{}  {seq:>8}  {subject:<44}  {what}",
-                clock(stored.published)
-            );
-        }
-        printed += 1;
-        if args.count.is_some_and(|c| printed >= c) {
+        if args.count.is_some_and(|c| printed >= c) || (args.no_follow && caught_up) {
             break;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `msg` if it passes the filters that the broker's subject filter cannot express;
+/// returns whether it did.
+fn show(args: &TailArgs, msg: &async_nats::jetstream::Message) -> anyhow::Result<bool> {
+    if !pattern_matches(&args.filter, msg.subject.as_str()) {
+        return Ok(false);
+    }
+    let stored = StoredMessage::from_jetstream(msg).map_err(anyhow::Error::msg)?;
+    let event = EventEnvelope::from_stored(&stored, usize::MAX);
+    if let Some(wanted) = &args.source
+        && !event
+            .as_ref()
+            .is_ok_and(|e| source_matches(wanted, &e.source))
+    {
+        return Ok(false);
+    }
+    let seq = stored.stream_sequence;
+    let subject = msg.subject.as_str();
+    if args.json {
+        let line = match &event {
+            Ok(e) => json!({"seq": seq, "subject": subject, "event": e}),
+            Err(err) => json!({"seq": seq, "subject": subject, "error": err.to_string()}),
+        };
+        println!("{line}");
+    } else {
+        let what = match &event {
+            Ok(e) => short(&e.data, 100),
+            Err(err) => format!("(invalid: {err})"),
+        };
+        println!(
+            "{}  {seq:>8}  {subject:<44}  {what}",
+            clock(stored.published)
+        );
+    }
+    Ok(true)
 }
 
 /// One message of a scan.

@@ -591,6 +591,44 @@ async fn replay_and_trace_a_recorded_run() -> anyhow::Result<()> {
         run.stdout
     );
 
+    // `--no-follow`: what the log holds now, then exit — also when nothing matches.
+    let run = grizzly(
+        &env,
+        &[
+            "events",
+            "tail",
+            "--from-start",
+            "--aggregate",
+            "agent/a1",
+            "--type",
+            "handler_failed",
+            "--json",
+            "--no-follow",
+        ],
+    )
+    .await?;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.lines().count(), 2, "{}", run.stdout);
+    for args in [
+        vec![
+            "events",
+            "tail",
+            "--from-start",
+            "--aggregate",
+            "agent/nobody",
+            "--no-follow",
+        ],
+        vec!["events", "tail", "--no-follow"],
+    ] {
+        let run = grizzly(&env, &args).await?;
+        assert_eq!(
+            (run.code, run.stdout.as_str()),
+            (0, ""),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+
     // ---- malformed arguments: usage errors (exit 2); unknown things: errors (exit 1) -------
     for (args, code, needle) in [
         (
