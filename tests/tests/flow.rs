@@ -180,7 +180,9 @@ async fn a_throttled_handler_never_exceeds_its_rate_and_loses_nothing() -> anyho
         "events.api.*.call",
         "concurrency: 4\nthrottle: { limit: 5, period: 1s }",
     );
-    let _listener = env.start_listener().await?;
+    // Two replicas route the flood's partitions side by side and share the schedule.
+    let _listeners = [env.start_listener().await?, env.start_listener().await?];
+    env.listeners_spread(2, DEADLINE).await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     // A 10 s flood: 5 events every 250 ms (20/s), four times the limit.

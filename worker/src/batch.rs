@@ -305,12 +305,10 @@ pub(crate) async fn execute_batch(
     let mut history = Vec::new();
     for attempt in 1..=max_attempts {
         ctx.breaker.admit().await;
-        ctx.throttle_gate().await;
-        let started = std::time::Instant::now();
-        let started_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let crate::executor::Start {
+            at: started,
+            unix_ms: started_at_ms,
+        } = ctx.throttle_gate().await;
         let invocation = Invocation {
             task: first,
             attempt,

@@ -4,7 +4,7 @@
 //! the task is acked.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
@@ -41,8 +41,11 @@ impl HandlerContext {
     }
 
     /// Waits for the handler's throttle (when it has one without a key): at most `limit` starts
-    /// in any `period`, by the times of this worker's last `limit` starts.
-    pub(crate) async fn throttle_gate(&self) {
+    /// in any `period`, by the times of this worker's last `limit` starts. Returns the start it
+    /// admitted: the outcome reports that moment, not one read later (under load a task could
+    /// be descheduled in between, and the reported starts came closer than the throttle spaced
+    /// them).
+    pub(crate) async fn throttle_gate(&self) -> Start {
         let Some(t) = self
             .handler
             .spec
@@ -50,14 +53,35 @@ impl HandlerContext {
             .as_ref()
             .filter(|t| t.key.is_none())
         else {
-            return;
+            return Start::now();
         };
         let mut starts = self.recent_starts.lock().await;
         if starts.len() >= t.limit as usize {
             let oldest = starts.pop_front().expect("non-empty");
-            tokio::time::sleep_until(oldest + t.period).await;
+            // A millisecond of margin: starts are reported in whole wall-clock milliseconds.
+            tokio::time::sleep_until(oldest + t.period + Duration::from_millis(1)).await;
         }
-        starts.push_back(tokio::time::Instant::now());
+        let start = Start::now();
+        starts.push_back(tokio::time::Instant::from_std(start.at));
+        start
+    }
+}
+
+/// When an attempt started, monotonic and as reported (`started_at_ms`, Unix milliseconds).
+pub(crate) struct Start {
+    pub at: std::time::Instant,
+    pub unix_ms: u64,
+}
+
+impl Start {
+    fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
     }
 }
 
@@ -148,12 +172,10 @@ pub async fn execute(
         let attempt_span = tracing::debug_span!(parent: &handle, "attempt", attempt, handler = %ctx.name(), otel.status_code = tracing::field::Empty);
         trace::stamp(&mut task.event, &attempt_span);
         ctx.breaker.admit().await;
-        ctx.throttle_gate().await;
-        let started = Instant::now();
-        let started_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let Start {
+            at: started,
+            unix_ms: started_at_ms,
+        } = ctx.throttle_gate().await;
         let invocation = Invocation {
             task: &task,
             attempt,
