@@ -77,10 +77,7 @@ impl Start {
     fn now() -> Self {
         Self {
             at: std::time::Instant::now(),
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            unix_ms: crate::partition::now_ms(),
         }
     }
 }

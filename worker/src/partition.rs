@@ -103,7 +103,8 @@ fn rank(p: Priority) -> usize {
     Priority::ALL.iter().position(|q| *q == p).unwrap_or(2)
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
