@@ -132,23 +132,6 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
         .parent()
         .unwrap()
         .to_path_buf();
-    // A free port for the embedded broker.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
-    let mut dev = Command::new(bin_path("grizzly"))
-        .current_dir(&root)
-        .env("GRIZZLY_NATS_URL", &url)
-        .args([
-            "dev",
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-            "--fake-api",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
     struct KillOnDrop(std::process::Child);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
@@ -156,21 +139,51 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
             let _ = self.0.wait();
         }
     }
-    let client = {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(c) = async_nats::connect(url.clone()).await {
-                break c;
+    // Port 0: the embedded broker picks a free port itself and `grizzly dev` names it in its
+    // banner (a port picked here and released could be taken by another test's broker first).
+    let mut dev = KillOnDrop(
+        Command::new(bin_path("grizzly"))
+            .current_dir(&root)
+            .env("GRIZZLY_NATS_URL", "nats://127.0.0.1:0")
+            .args([
+                "dev",
+                "--state-dir",
+                dir.path().to_str().unwrap(),
+                "--fake-api",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    // Read stderr to its end (so the child never blocks on a full pipe); pass on the banner's URL.
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let stderr = dev.0.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("grizzly dev: broker ") {
+                let _ = url_tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
             }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "grizzly dev did not start its broker"
-            );
-            anyhow::ensure!(dev.try_wait()?.is_none(), "grizzly dev exited early");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let url = loop {
+        match url_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(url) => break url,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                anyhow::ensure!(dev.0.try_wait()?.is_none(), "grizzly dev exited early");
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "grizzly dev did not start within 60 s"
+                );
+            }
+            Err(e) => anyhow::bail!("grizzly dev never printed its broker's URL: {e}"),
         }
     };
-    let _dev = KillOnDrop(dev);
+    let client = async_nats::connect(url.clone()).await?;
     let js = async_nats::jetstream::new(client);
     // The streams exist once the components are up.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
