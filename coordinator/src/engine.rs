@@ -96,12 +96,7 @@ pub struct PartitionEngine {
     fired: HashSet<(String, String)>,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use grizzly_shared::clock::now_ms;
 
 /// Filter subjects for a set of patterns: `events.workflow.>` plus the patterns, without the
 /// ones another covers; `events.>` when two still overlap (the server refuses overlaps).

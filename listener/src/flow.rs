@@ -26,7 +26,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use grizzly_shared::clock::now_ms_f64 as now_ms;
 
 use async_nats::jetstream::{self, kv};
 use grizzly_shared::EventEnvelope;
@@ -130,13 +132,6 @@ impl<S: Clone + Serialize + DeserializeOwned> Cas<S> {
         }
         anyhow::bail!("flow-control state {key} keeps changing; will retry the event")
     }
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
 }
 
 impl FlowControl {

@@ -5,6 +5,7 @@
 //! - [`task`], [`dlq`]: the listener → worker task and the dead-letter record.
 //! - [`handler`]: handler definitions (YAML) and their validation; [`flowspec`]: their `batch`,
 //!   `debounce` and `rate_limit` settings and key templates.
+//! - [`clock`]: wall-clock Unix milliseconds.
 //! - [`config`]: layered settings (defaults → file → `GRIZZLY_*` env → flags).
 //! - [`nats`]: connecting and the idempotent setup of streams, consumers and buckets.
 //! - [`nats_server`]: spawning a local `nats-server` child (dev mode and tests).
@@ -14,6 +15,7 @@
 //! - [`metrics`]: the process-wide Prometheus registry and its fixed metric names.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz`, `/debug/pprof` endpoint.
 
+pub mod clock;
 pub mod config;
 pub mod dlq;
 pub mod envelope;

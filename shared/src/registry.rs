@@ -13,9 +13,9 @@
 //! run on it) → `retired` (workers drop it). `grizzly handler retire` drains first and waits
 //! until no task of the version is left in `TASKS`.
 
+use crate::clock::now_ms;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
@@ -517,13 +517,6 @@ fn digest(source: &str, prompt: Option<&str>) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

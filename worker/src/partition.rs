@@ -19,7 +19,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+pub(crate) use grizzly_shared::clock::now_ms;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
@@ -101,14 +103,6 @@ pub(crate) struct Schedule {
 
 fn rank(p: Priority) -> usize {
     Priority::ALL.iter().position(|q| *q == p).unwrap_or(2)
-}
-
-/// Wall-clock Unix milliseconds.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Schedule {
