@@ -41,9 +41,9 @@ fn outcomes(seen: &[LoggedEvent], handler: &str) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn critical_events_overtake_a_backlog_of_low_ones() -> anyhow::Result<()> {
     let mut env = TestEnv::start().await?;
-    // One partition: priority orders the tasks a partition runner holds; runners of different
-    // partitions compete for the handler's single slot without regard to each other's priorities.
-    env.settings.partitions = 1;
+    // Several partitions: each runner orders the tasks it holds, and the runners' claims on the
+    // handler's single slot are served by priority too (the worker's priority gate).
+    env.settings.partitions = 4;
     handler(&env, "slow", "events.job.*.run", "concurrency: 1");
     let _listener = env.start_listener().await?;
     let _worker = env.start_worker().await?;

@@ -36,7 +36,7 @@ use crate::executor::{
     ExecutionEnv, HandlerContext, Slots, count_success, emitted_envelopes, note_transition,
     outcome_subject, publish_events, source, write_dead_letter, write_failure,
 };
-use crate::partition::Schedule;
+use crate::partition::{Schedule, rank};
 use crate::runtime::{BatchInput, Invocation, InvokeError};
 
 /// A batch being formed or waiting for a slot.
@@ -198,6 +198,15 @@ impl Collector {
             self.close(&key);
         }
         self.open.values().map(|b| b.closes_at).min()
+    }
+
+    /// The best priority rank in the next closed batch and when the batch opened: its claim
+    /// on a slot.
+    pub(crate) fn urgency(&self) -> Option<(usize, Instant)> {
+        let batch = self.closed.front()?;
+        let best = batch.members.iter().map(|(_, t)| rank(t.priority)).min()?;
+        let opened = batch.closes_at.checked_sub(self.max_wait);
+        Some((best, opened.unwrap_or(batch.closes_at)))
     }
 
     pub(crate) fn has_closed(&self) -> bool {

@@ -17,7 +17,7 @@ use grizzly_shared::nats::{Nats, publish_confirmed};
 use grizzly_shared::subject::{EventSubject, dlq_subject};
 use grizzly_shared::{EventEnvelope, Task, trace};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use crate::slots::{Permit, PriorityGate};
 use tracing::{Instrument as _, info, warn};
 
 use crate::breaker::{Breaker, Transition};
@@ -29,7 +29,7 @@ pub struct HandlerContext {
     pub runtime: Arc<dyn Runtime>,
     pub breaker: Breaker,
     /// The handler's `concurrency` within this worker.
-    pub limit: Arc<Semaphore>,
+    pub limit: PriorityGate,
     /// Start times of the last `throttle.limit` attempts (this worker's share of the limit; the
     /// listener spaces tasks globally).
     pub recent_starts: tokio::sync::Mutex<std::collections::VecDeque<tokio::time::Instant>>,
@@ -84,8 +84,8 @@ impl Start {
 
 /// The concurrency slots a task holds while it runs: its handler's and the worker's.
 pub struct Slots {
-    pub handler: tokio::sync::OwnedSemaphorePermit,
-    pub worker: tokio::sync::OwnedSemaphorePermit,
+    pub handler: Permit,
+    pub worker: Permit,
 }
 
 /// Shared by every task a worker runs.
@@ -94,7 +94,7 @@ pub struct ExecutionEnv {
     pub nats: Nats,
     pub worker_id: String,
     /// Worker-wide cap across handlers.
-    pub worker_limit: Arc<Semaphore>,
+    pub worker_limit: PriorityGate,
     pub ack_wait: Duration,
     /// Every handler version this worker runs: a task runs on the version it was routed to.
     pub versions: Arc<crate::versions::VersionTable>,

@@ -16,6 +16,7 @@ pub mod mcp;
 pub mod partition;
 pub mod pool;
 pub mod runtime;
+pub mod slots;
 pub mod versions;
 
 use std::collections::HashMap;
@@ -29,7 +30,6 @@ use grizzly_shared::Settings;
 use grizzly_shared::handler::{HandlerKind, LoadedHandler};
 use grizzly_shared::nats::{self, Nats};
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -142,7 +142,7 @@ impl Worker {
         let env = ExecutionEnv {
             nats: self.nats.clone(),
             worker_id: self.id.clone(),
-            worker_limit: Arc::new(Semaphore::new(self.settings.worker.max_concurrency)),
+            worker_limit: slots::PriorityGate::new(self.settings.worker.max_concurrency),
             ack_wait: self.settings.worker.ack_wait,
             versions: self.versions.clone(),
         };

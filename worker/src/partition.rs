@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use crate::batch::{Collector, execute_batch};
 use crate::debounce::{DebounceGate, skip};
 use crate::executor::{ExecutionEnv, HandlerContext, Slots, execute};
+use crate::slots::Urgency;
 
 /// A task waiting this long counts as one priority level higher.
 pub const AGING: Duration = Duration::from_secs(5);
@@ -101,8 +102,15 @@ pub(crate) struct Schedule {
     delayed: BTreeMap<(u64, String), ()>,
 }
 
-fn rank(p: Priority) -> usize {
+/// 0 = critical … 3 = low.
+pub(crate) fn rank(p: Priority) -> usize {
     Priority::ALL.iter().position(|q| *q == p).unwrap_or(2)
+}
+
+/// The rank a task of `rank` counts for after waiting since `since`: one level up per [`AGING`].
+pub(crate) fn aged_rank(rank: usize, since: Instant, now: Instant) -> usize {
+    let promoted = now.duration_since(since).as_secs() / AGING.as_secs().max(1);
+    rank.saturating_sub(promoted as usize)
 }
 
 impl Schedule {
@@ -153,19 +161,26 @@ impl Schedule {
 
     /// The lane to start next: highest effective priority (aged), oldest first.
     pub(crate) fn pick(&mut self) -> Option<String> {
-        let now = Instant::now();
-        let best = (0..4)
-            .filter_map(|r| {
-                self.ready[r].front().map(|(_, arrived)| {
-                    let promoted =
-                        (now.duration_since(*arrived).as_secs() / AGING.as_secs().max(1)) as usize;
-                    (r.saturating_sub(promoted), r)
-                })
-            })
-            .min()?;
-        let (lane, _) = self.ready[best.1].pop_front()?;
+        let (_, r, _) = self.best()?;
+        let (lane, _) = self.ready[r].pop_front()?;
         self.running.insert(lane.clone(), 1);
         Some(lane)
+    }
+
+    /// The rank and arrival of the task [`Self::pick`] would start: the runner's claim on a slot.
+    pub(crate) fn urgency(&self) -> Option<(usize, Instant)> {
+        self.best().map(|(_, r, arrived)| (r, arrived))
+    }
+
+    /// (aged rank, rank, arrival) of the best ready lane's head.
+    fn best(&self) -> Option<(usize, usize, Instant)> {
+        let now = Instant::now();
+        (0..4)
+            .filter_map(|r| {
+                let (_, arrived) = self.ready[r].front()?;
+                Some((aged_rank(r, *arrived, now), r, *arrived))
+            })
+            .min()
     }
 
     pub(crate) fn head(&self, lane: &str) -> Option<&Held> {
@@ -302,8 +317,10 @@ impl PartitionRunner {
         let debounce = DebounceGate::new(&self.ctx, &self.env.nats.js).map(Arc::new);
         let mut progress = tokio::time::interval(self.env.ack_wait / 3);
         progress.tick().await;
-        // Waiting for a handler slot and a worker slot; only while a lane is ready.
+        // Waiting for a handler slot and a worker slot; only while a lane is ready. The claim
+        // on them is the urgency of what would start next, kept current below.
         let mut slots: Option<BoxFuture<'static, Slots>> = None;
+        let urgency = Urgency::default();
         let mut interrupted = false;
         'pull: while !stop.is_cancelled() {
             while !self.fence.held() {
@@ -374,17 +391,19 @@ impl PartitionRunner {
                     Some(c) => c.has_closed(),
                     None => schedule.has_ready(),
                 };
+                let next = match &collector {
+                    Some(c) => c.urgency(),
+                    None => schedule.urgency(),
+                };
+                if let Some((rank, since)) = next {
+                    urgency.set(rank, since);
+                }
                 if slots.is_none() && startable {
                     let (h, w) = (self.ctx.limit.clone(), self.env.worker_limit.clone());
+                    let urgency = urgency.clone();
                     slots = Some(Box::pin(async move {
-                        let handler = h
-                            .acquire_owned()
-                            .await
-                            .expect("handler semaphore never closes");
-                        let worker = w
-                            .acquire_owned()
-                            .await
-                            .expect("worker semaphore never closes");
+                        let handler = h.acquire(urgency.clone()).await;
+                        let worker = w.acquire(urgency).await;
                         Slots { handler, worker }
                     }));
                 }

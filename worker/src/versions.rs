@@ -11,11 +11,11 @@ use anyhow::Context as _;
 use grizzly_shared::Settings;
 use grizzly_shared::handler::LoadedHandler;
 use grizzly_shared::registry::{HandlerRegistry, RegistrySnapshot, VersionState};
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::breaker::Breaker;
 use crate::executor::HandlerContext;
+use crate::slots::PriorityGate;
 
 /// Builds what the worker keeps for one handler version.
 pub fn context_for(h: &LoadedHandler, settings: &Settings) -> anyhow::Result<Arc<HandlerContext>> {
@@ -23,7 +23,7 @@ pub fn context_for(h: &LoadedHandler, settings: &Settings) -> anyhow::Result<Arc
         runtime: crate::runtime_for(h, settings)
             .with_context(|| format!("handler {} version {}", h.spec.name, h.spec.version))?,
         breaker: Breaker::new(h.spec.breaker.clone()),
-        limit: Arc::new(Semaphore::new(h.spec.concurrency)),
+        limit: PriorityGate::new(h.spec.concurrency),
         recent_starts: Default::default(),
         handler: h.clone(),
     }))
