@@ -48,7 +48,8 @@ async fn critical_events_overtake_a_backlog_of_low_ones() -> anyhow::Result<()> 
     let _listener = env.start_listener().await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
-    let publish = |n: usize, priority: &'static str| {
+    // Sends an event; the returned future confirms it.
+    let publish = |n: usize, priority: &'static str, sleep: f64| {
         let js = env.nats.js.clone();
         async move {
             let mut headers = HeaderMap::new();
@@ -56,22 +57,27 @@ async fn critical_events_overtake_a_backlog_of_low_ones() -> anyhow::Result<()> 
             js.publish_with_headers(
                 format!("events.job.j{n}.run"),
                 headers,
-                json!({"n": n, "sleep": 0.002}).to_string().into(),
+                json!({"n": n, "sleep": sleep}).to_string().into(),
             )
-            .await?
-            .await?;
-            anyhow::Ok(())
+            .await
         }
     };
     for n in 0..500 {
-        publish(n, "low").await?;
+        publish(n, "low", 0.002).await?.await?;
     }
     // The backlog is being worked through when the critical events arrive.
     watch
         .wait_for_type("handler_succeeded", 10, DEADLINE)
         .await?;
+    // All ten are sent before any confirmation is awaited, and each runs long enough for the
+    // rest to reach the worker meanwhile: a low one running between them would then be the
+    // scheduler's choice, not a critical event still on its way (as on a loaded machine).
+    let mut confirms = Vec::new();
     for n in 500..510 {
-        publish(n, "critical").await?;
+        confirms.push(publish(n, "critical", 0.05).await?);
+    }
+    for confirm in confirms {
+        confirm.await?;
     }
     watch
         .wait_for_type("handler_succeeded", 510, Duration::from_secs(180))
@@ -91,10 +97,19 @@ async fn critical_events_overtake_a_backlog_of_low_ones() -> anyhow::Result<()> 
         .unwrap();
     // Once the critical events reach the worker they run before every low one still waiting
     // (how many lows finish while they travel depends on the machine's load, not on priority).
+    let between: Vec<(u64, f64)> = done[first_critical..=last_critical]
+        .iter()
+        .map(|o| {
+            (
+                o["output"]["n"].as_u64().unwrap(),
+                o["output"]["started"].as_f64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(
         last_critical - first_critical,
         9,
-        "a low event ran between critical ones"
+        "a low event ran between critical ones: {between:?}"
     );
     assert!(
         low_before < 250,

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::slots::{Permit, PriorityGate};
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 use backon::BackoffBuilder;
@@ -17,7 +18,6 @@ use grizzly_shared::nats::{Nats, publish_confirmed};
 use grizzly_shared::subject::{EventSubject, dlq_subject};
 use grizzly_shared::{EventEnvelope, Task, trace};
 use serde_json::{Value, json};
-use crate::slots::{Permit, PriorityGate};
 use tracing::{Instrument as _, info, warn};
 
 use crate::breaker::{Breaker, Transition};

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::partition::aged_rank;
 #[cfg(test)]
 use crate::partition::AGING;
+use crate::partition::aged_rank;
 
 /// The claim of a waiting runner: the priority rank (0 = critical) of the task it would start
 /// next and when that task started waiting. Shared with the runner, which updates it.
@@ -89,7 +89,8 @@ impl PriorityGate {
         }
         let _withdraw = Withdraw(&self.0, id);
         // The sender is dropped without sending only by `Withdraw`, i.e. never while we await.
-        rx.await.expect("a waiter is removed only by itself or by a grant")
+        rx.await
+            .expect("a waiter is removed only by itself or by a grant")
     }
 
     #[cfg(test)]
@@ -182,7 +183,11 @@ mod tests {
         let normal = urgency(2, Duration::ZERO);
         let raised = urgency(3, Duration::ZERO);
         let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-        for (name, u) in [("aged", aged), ("normal", normal), ("raised", raised.clone())] {
+        for (name, u) in [
+            ("aged", aged),
+            ("normal", normal),
+            ("raised", raised.clone()),
+        ] {
             let (gate, order_tx) = (gate.clone(), order_tx.clone());
             tokio::spawn(async move {
                 let permit = gate.acquire(u).await;
