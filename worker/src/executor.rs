@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::slots::{Permit, PriorityGate};
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 use backon::BackoffBuilder;
@@ -22,6 +21,7 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::breaker::{Breaker, Transition};
 use crate::runtime::{HandlerResult, Invocation, InvokeError, Runtime};
+use crate::slots::{Permit, PriorityGate};
 
 /// Everything the worker keeps per handler.
 pub struct HandlerContext {
