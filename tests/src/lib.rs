@@ -149,21 +149,35 @@ impl TestEnv {
         self.start_listener_with(self.settings.clone()).await
     }
 
-    /// Owner of each partition of the log (listener lease `route.<p>`).
-    pub async fn route_owners(&self) -> anyhow::Result<std::collections::HashMap<u16, String>> {
+    /// The entries of the lease bucket whose key starts with `prefix` (`task.<handler>.`,
+    /// `route.`, …): key → holder.
+    pub async fn leases(
+        &self,
+        prefix: &str,
+    ) -> anyhow::Result<std::collections::HashMap<String, String>> {
         let leases =
             nats::ensure_lease_bucket(&self.nats.js, self.settings.worker.lease_ttl, 1).await?;
-        let mut owners = std::collections::HashMap::new();
+        let mut held = std::collections::HashMap::new();
         let mut keys = leases.keys().await?;
         while let Some(key) = keys.next().await {
             let key = key?;
-            if let Some(p) = key.strip_prefix("route.").and_then(|p| p.parse().ok())
+            if key.starts_with(prefix)
                 && let Some(owner) = leases.get(&key).await?
             {
-                owners.insert(p, String::from_utf8(owner.to_vec())?);
+                held.insert(key, String::from_utf8(owner.to_vec())?);
             }
         }
-        Ok(owners)
+        Ok(held)
+    }
+
+    /// Owner of each partition of the log (listener lease `route.<p>`).
+    pub async fn route_owners(&self) -> anyhow::Result<std::collections::HashMap<u16, String>> {
+        Ok(self
+            .leases("route.")
+            .await?
+            .into_iter()
+            .filter_map(|(key, owner)| Some((key.strip_prefix("route.")?.parse().ok()?, owner)))
+            .collect())
     }
 
     /// Waits until every partition of the log is routed and `replicas` listeners share them.

@@ -65,7 +65,7 @@ use grizzly_devkit::{FakeApiConfig, FakeApiHandle, FakeMessagesApi};
 use grizzly_shared::dlq::DeadLetter;
 use grizzly_shared::envelope::StoredMessage;
 use grizzly_shared::ids::stable_hash;
-use grizzly_shared::nats::{DLQ_STREAM, EVENTS_STREAM, LEASES_BUCKET, TASKS_STREAM};
+use grizzly_shared::nats::{DLQ_STREAM, EVENTS_STREAM, TASKS_STREAM};
 use grizzly_shared::task::partition_for;
 use grizzly_shared::{EventEnvelope, EventSubject};
 use grizzly_tests::{ChildProcess, LoggedEvent, TestEnv};
@@ -653,36 +653,17 @@ fn signal(pid: u32, sig: &str) {
 
 /// Partition owners from the lease bucket: `task.<handler>.<partition>` → worker id.
 async fn leases(env: &TestEnv) -> anyhow::Result<HashMap<String, String>> {
-    let kv = env.nats.js.get_key_value(LEASES_BUCKET).await?;
-    let mut out = HashMap::new();
-    let mut keys = kv.keys().await?;
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if key.starts_with("task.")
-            && let Some(v) = kv.get(&key).await?
-        {
-            out.insert(key, String::from_utf8_lossy(&v).to_string());
-        }
-    }
-    Ok(out)
+    env.leases("task.").await
 }
 
 /// The listener partitions `id` routes now (`route.<p>` leases).
 async fn routed_by(env: &TestEnv, id: &str) -> anyhow::Result<HashSet<String>> {
-    let kv = env.nats.js.get_key_value(LEASES_BUCKET).await?;
-    let mut out = HashSet::new();
-    let mut keys = kv.keys().await?;
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if key.starts_with("route.")
-            && kv
-                .get(&key)
-                .await?
-                .is_some_and(|v| v.as_ref() == id.as_bytes())
-        {
-            out.insert(key);
-        }
-    }
+    let out: HashSet<String> = env
+        .leases("route.")
+        .await?
+        .into_iter()
+        .filter_map(|(key, owner)| (owner == id).then_some(key))
+        .collect();
     ensure!(!out.is_empty(), "listener {id} routes no partition");
     Ok(out)
 }

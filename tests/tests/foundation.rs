@@ -170,21 +170,14 @@ async fn a_third_worker_gets_a_share_of_four_partitions_and_every_event_runs_onc
         s.worker.id = Some(id.to_string());
         env.start_worker_with(s)
     };
-    let leases =
-        grizzly_shared::nats::ensure_lease_bucket(&env.nats.js, env.settings.worker.lease_ttl, 1)
-            .await?;
     // Partitions of `echo` each worker holds, once all are held and every one of `ids` holds at
     // least one (a partition given back to rebalance is free for a moment).
     let shared_by = async |ids: &[&str]| -> anyhow::Result<HashMap<String, usize>> {
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
             let mut held: HashMap<String, usize> = HashMap::new();
-            for p in 0..env.settings.partitions {
-                if let Some(owner) = leases.get(format!("task.echo.{p}")).await? {
-                    *held
-                        .entry(String::from_utf8_lossy(&owner).into_owned())
-                        .or_default() += 1;
-                }
+            for owner in env.leases("task.echo.").await?.into_values() {
+                *held.entry(owner).or_default() += 1;
             }
             if ids.iter().all(|id| held.contains_key(*id))
                 && held.values().sum::<usize>() == usize::from(env.settings.partitions)
