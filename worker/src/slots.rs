@@ -135,17 +135,21 @@ mod tests {
         u
     }
 
-    #[tokio::test]
-    async fn a_freed_slot_goes_to_the_most_urgent_waiter_then_the_longest_waiting() {
-        let gate = PriorityGate::new(1);
-        let held = gate.acquire(Urgency::default()).await;
+    async fn waiting(gate: &PriorityGate, n: usize) {
+        while gate.0.lock().unwrap().waiters.len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Queues one waiter per claim behind `held`, then frees it: the order the slot went round.
+    async fn grant_order(
+        gate: &PriorityGate,
+        held: Permit,
+        claims: Vec<(&'static str, Urgency)>,
+        before_release: impl FnOnce(),
+    ) -> Vec<&'static str> {
+        let n = claims.len();
         let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-        let claims = [
-            ("low, waiting longest", urgency(3, Duration::from_secs(3))),
-            ("critical", urgency(0, Duration::ZERO)),
-            ("normal, older", urgency(2, Duration::from_secs(2))),
-            ("normal, newer", urgency(2, Duration::from_secs(1))),
-        ];
         for (name, u) in claims {
             let (gate, order_tx) = (gate.clone(), order_tx.clone());
             tokio::spawn(async move {
@@ -154,14 +158,27 @@ mod tests {
                 drop(permit);
             });
         }
-        while gate.0.lock().unwrap().waiters.len() < 4 {
-            tokio::task::yield_now().await;
-        }
+        waiting(gate, n).await;
+        before_release();
         drop(held);
         let mut seen = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..n {
             seen.push(order.recv().await.unwrap());
         }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_most_urgent_waiter_then_the_longest_waiting() {
+        let gate = PriorityGate::new(1);
+        let held = gate.acquire(Urgency::default()).await;
+        let claims = vec![
+            ("low, waiting longest", urgency(3, Duration::from_secs(3))),
+            ("critical", urgency(0, Duration::ZERO)),
+            ("normal, older", urgency(2, Duration::from_secs(2))),
+            ("normal, newer", urgency(2, Duration::from_secs(1))),
+        ];
+        let seen = grant_order(&gate, held, claims, || {}).await;
         assert_eq!(
             seen,
             [
@@ -180,31 +197,14 @@ mod tests {
         let held = gate.acquire(Urgency::default()).await;
         // Low, but waiting for two aging periods: counts as high (rank 1), ahead of a normal.
         let aged = urgency(3, AGING * 2 + Duration::from_millis(100));
-        let normal = urgency(2, Duration::ZERO);
         let raised = urgency(3, Duration::ZERO);
-        let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-        for (name, u) in [
+        let claims = vec![
             ("aged", aged),
-            ("normal", normal),
+            ("normal", urgency(2, Duration::ZERO)),
             ("raised", raised.clone()),
-        ] {
-            let (gate, order_tx) = (gate.clone(), order_tx.clone());
-            tokio::spawn(async move {
-                let permit = gate.acquire(u).await;
-                order_tx.send(name).unwrap();
-                drop(permit);
-            });
-        }
-        while gate.0.lock().unwrap().waiters.len() < 3 {
-            tokio::task::yield_now().await;
-        }
+        ];
         // A critical task reached the runner that waited with a low one.
-        raised.set(0, Instant::now());
-        drop(held);
-        let mut seen = Vec::new();
-        for _ in 0..3 {
-            seen.push(order.recv().await.unwrap());
-        }
+        let seen = grant_order(&gate, held, claims, || raised.set(0, Instant::now())).await;
         assert_eq!(seen, ["raised", "aged", "normal"]);
     }
 
@@ -216,9 +216,7 @@ mod tests {
             let gate = gate.clone();
             async move { gate.acquire(urgency(0, Duration::ZERO)).await }
         });
-        while gate.0.lock().unwrap().waiters.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        waiting(&gate, 1).await;
         gone.abort();
         let _ = gone.await;
         drop(held);
