@@ -255,6 +255,15 @@ impl RouteTable {
         })
     }
 
+    /// Whether some handler's subject pattern matches `subject` (whatever the event says).
+    pub fn subscribed(&self, subject: &str) -> bool {
+        self.routes.iter().any(|r| {
+            r.patterns
+                .iter()
+                .any(|p| grizzly_shared::subject::pattern_matches(p, subject))
+        })
+    }
+
     /// Every handler that declares `capability`.
     pub fn with_capability<'a>(&'a self, capability: &'a str) -> impl Iterator<Item = &'a Route> {
         self.routes
@@ -623,6 +632,15 @@ impl Listener {
         let at_ms = (stored.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
         let mut out = Vec::new();
         metrics().event_in();
+        if !tracing::span_enabled!(tracing::Level::DEBUG)
+            && !self.routes.subscribed(&msg.subject)
+            && EventEnvelope::check_stored(&stored, self.settings.max_event_bytes) == Some(None)
+        {
+            // A valid event that no pattern and no capability routes (chiefly outcome events,
+            // half of what the listener reads under load): checked, not built. Unless traces
+            // are exported: then every event's `route` span shows the listener saw it.
+            return Ok(out);
+        }
         match EventEnvelope::from_stored(&stored, self.settings.max_event_bytes) {
             Ok(mut event) => {
                 let span = tracing::debug_span!("route", otel.kind = "consumer", event.id = %event.id, subject = %msg.subject);

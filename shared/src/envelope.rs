@@ -6,6 +6,7 @@
 //! taken from the subject and headers. Anything else is an [`IngestError`] and goes to
 //! `dlq._ingest` with the reason.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -172,6 +173,158 @@ pub fn format_time(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// One top-level attribute of an object body, as [`EventEnvelope::check_stored`] sees it.
+enum Attr<'a> {
+    Str(Cow<'a, str>),
+    Null,
+    /// Any other JSON value.
+    Other,
+}
+
+impl Attr<'_> {
+    /// What `from_value` into a `String` field accepts.
+    fn is_str(&self) -> bool {
+        matches!(self, Self::Str(_))
+    }
+
+    /// What `from_value` into an `Option<String>` field accepts.
+    fn is_optional_str(&self) -> bool {
+        !matches!(self, Self::Other)
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyJson(true))
+            .map(|v| v.unwrap_or(Attr::Other))
+    }
+}
+
+/// Visits any JSON value as strictly as parsing it into a [`Value`] does (numbers in range,
+/// valid string escapes), keeping nothing but a top-level string. (`serde::de::IgnoredAny`
+/// skips values without those checks.)
+struct AnyJson(bool);
+
+impl<'de> serde::de::Visitor<'de> for AnyJson {
+    type Value = Option<Attr<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(self.0.then_some(Attr::Str(Cow::Borrowed(v))))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.then(|| Attr::Str(Cow::Owned(v.to_string()))))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(self.0.then_some(Attr::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element_seed(AnyJson(false))?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry_seed(AnyJson(false), AnyJson(false))?
+            .is_some()
+        {}
+        Ok(None)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for AnyJson {
+    type Value = Option<Attr<'de>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// The attributes [`EventEnvelope::check_stored`] needs of an object body (the last of a
+/// repeated key wins, as when parsing into a [`Value`]); every other member is only checked.
+#[derive(Default)]
+struct Attributes<'a> {
+    /// Known attribute name → value.
+    known: Vec<(&'static str, Attr<'a>)>,
+}
+
+/// Attributes `from_stored` reads from a CloudEvent body.
+const ATTRIBUTES: [&str; 13] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "datacontenttype",
+    "aggregatetype",
+    "aggregateid",
+    "priority",
+    "correlationid",
+    "causationid",
+    "traceparent",
+    "capability",
+];
+
+impl<'a> Attributes<'a> {
+    fn get(&self, name: &str) -> Option<&Attr<'a>> {
+        self.known
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Attributes<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut attrs = Attributes::default();
+                // Keys are strings: borrowed from the body unless escaped.
+                while let Some(key) = map.next_key_seed(AnyJson(true))? {
+                    let key = key.as_ref().and_then(Attr::as_str).unwrap_or_default();
+                    match ATTRIBUTES.iter().find(|a| **a == key) {
+                        Some(name) => attrs.known.push((name, map.next_value()?)),
+                        None => {
+                            map.next_value_seed(AnyJson(false))?;
+                        }
+                    }
+                }
+                Ok(attrs)
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers
         .and_then(|h| h.get(name))
@@ -282,6 +435,59 @@ impl EventEnvelope {
         } else {
             Ok(Self::from_raw(body, &subject, msg))
         }
+    }
+
+    /// Whether `msg` would become an event, and the capability it asks for, read without
+    /// building it: `Some(capability)` only when [`Self::from_stored`] surely succeeds with that
+    /// capability; `None` when it may fail (then `from_stored` decides and says why).
+    ///
+    /// The listener checks this way the events no handler's subject pattern matches — chiefly
+    /// outcome events, half of what it reads under load — so they are still validated (a
+    /// malformed one goes to the dead letters) without allocating their attributes and data.
+    pub fn check_stored(msg: &StoredMessage<'_>, max_bytes: usize) -> Option<Option<String>> {
+        let subject = EventSubject::parse(msg.subject).ok()?;
+        if msg.payload.len() > max_bytes {
+            return None;
+        }
+        let first = msg.payload.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            // Not an object: valid raw data or not JSON, decided by the full parse.
+            return None;
+        }
+        let attrs: Attributes<'_> = serde_json::from_slice(msg.payload).ok()?;
+        let Some(specversion) = attrs.get("specversion") else {
+            // Any other object is the data of a raw event; its capability is a header.
+            return Some(header(msg.headers, headers::CAPABILITY).map(str::to_string));
+        };
+        // The checks of `from_cloud_event`, then those of deserializing the envelope.
+        let agrees = |name: &str, expected: &str| {
+            attrs.get(name).is_none_or(|v| v.as_str() == Some(expected))
+        };
+        let string = |name: &str| attrs.get(name).is_none_or(Attr::is_str);
+        let optional = |name: &str| attrs.get(name).is_none_or(Attr::is_optional_str);
+        let valid = specversion.as_str() == Some(SPEC_VERSION)
+            && agrees("type", &subject.event_type)
+            && agrees("aggregatetype", &subject.aggregate_type)
+            && agrees("aggregateid", &subject.aggregate_id)
+            && attrs
+                .get("id")
+                .is_none_or(|id| id.as_str().is_some_and(|id| !id.is_empty()))
+            && ["source", "time", "datacontenttype"]
+                .into_iter()
+                .all(string)
+            && attrs.get("priority").is_none_or(|p| {
+                p.as_str()
+                    .is_some_and(|p| Priority::ALL.iter().any(|q| q.as_str() == p))
+            })
+            && ["correlationid", "causationid", "traceparent", "capability"]
+                .into_iter()
+                .all(optional);
+        valid.then(|| {
+            attrs
+                .get("capability")
+                .and_then(Attr::as_str)
+                .map(str::to_string)
+        })
     }
 
     fn from_raw(data: Value, subject: &EventSubject, msg: &StoredMessage<'_>) -> Self {
@@ -486,5 +692,118 @@ mod tests {
         assert_eq!(a.id, b.id);
         assert_eq!(a.causationid.as_deref(), Some(cause.id.as_str()));
         assert_eq!(a.correlationid.as_deref(), Some(cause.id.as_str()));
+    }
+
+    /// `check_stored` agrees with `from_stored`: "valid" only when the event is built, with the
+    /// same capability; an object body it doubts is one `from_stored` refuses.
+    #[test]
+    fn the_cheap_check_agrees_with_building_the_event() {
+        let ce = |extra: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"e1","source":"s","time":"t","data":{{"a":[1,2.5,"x"]}}{extra}}}"#
+            )
+        };
+        let mut bodies: Vec<String> = [
+            r#"{"x":1}"#,
+            "{}",
+            "  {\"x\": {\"y\": [null, true]}}  ",
+            r#"{"x":1} trailing"#,
+            r#"{"x":1e400}"#,
+            r#"{"x":-1e400}"#,
+            r#"{"x":1e-400}"#,
+            r#"{"x":"\ud800"}"#,
+            r#"{"x":"\u00e9\n"}"#,
+            r#"{"x":1,"x":2}"#,
+            r#"{"id":5,"type":7}"#,
+            r#"{"x":"#,
+            r#"{"capability":"c"}"#,
+            "[1,2]",
+            "\"text\"",
+            "5",
+            "null",
+            "not json",
+            "",
+            r#"{"specversion":"1.0"}"#,
+            r#"{"specversion":"0.3"}"#,
+            r#"{"specversion":null}"#,
+            r#"{"specversion":1}"#,
+            r#"{"spec\u0076ersion":"0.3"}"#,
+        ]
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+        for extra in [
+            "",
+            r#","type":"ping""#,
+            r#","type":"pong""#,
+            r#","type":null"#,
+            r#","aggregatetype":"agent","aggregateid":"a1""#,
+            r#","aggregateid":"a2""#,
+            r#","aggregateid":1"#,
+            r#","id":"""#,
+            r#","id":null"#,
+            r#","id":5"#,
+            r#","source":null"#,
+            r#","time":5"#,
+            r#","datacontenttype":null"#,
+            r#","datacontenttype":"text/plain""#,
+            r#","priority":"high""#,
+            r#","priority":"urgent""#,
+            r#","priority":null"#,
+            r#","priority":"HIGH""#,
+            r#","correlationid":null"#,
+            r#","correlationid":5"#,
+            r#","causationid":"c""#,
+            r#","traceparent":{}"#,
+            r#","capability":"review""#,
+            r#","capability":null"#,
+            r#","capability":["review"]"#,
+            r#","unknown":1e400"#,
+            r#","unknown":"\udc00""#,
+            r#","unknown":{"deep":[{"x":"\t"}]}"#,
+            r#","data":1e400"#,
+            r#","data":null"#,
+            r#","type":"pong","type":"ping""#,
+            r#","type":"ping","type":"pong""#,
+            r#","capability":"a","capability":"b""#,
+            r#","\u0074ype":"pong""#,
+        ] {
+            bodies.push(ce(extra));
+        }
+        let mut with_capability = HeaderMap::new();
+        with_capability.insert(headers::CAPABILITY, "from-header");
+        let (mut valid, mut doubted) = (0, 0);
+        for subject in [
+            "events.agent.a1.ping",
+            "events.agent.a1",
+            "events.agent.a 1.ping",
+        ] {
+            for headers in [None, Some(&with_capability)] {
+                for body in &bodies {
+                    for limit in [1024, 8] {
+                        let msg = stored(subject, body.as_bytes(), headers);
+                        let built = EventEnvelope::from_stored(&msg, limit);
+                        match EventEnvelope::check_stored(&msg, limit) {
+                            Some(capability) => {
+                                let event = built.unwrap_or_else(|e| {
+                                    panic!("{subject} {body}: checked valid, but {e}")
+                                });
+                                assert_eq!(event.capability, capability, "{subject} {body}");
+                                valid += 1;
+                            }
+                            None if body.trim_start().starts_with('{') => {
+                                assert!(built.is_err(), "{subject} {body}: doubted, but built");
+                                doubted += 1;
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            valid >= 30 && doubted >= 100,
+            "valid {valid}, doubted {doubted}"
+        );
     }
 }
