@@ -196,7 +196,9 @@ impl<I: Instance> Pool<I> {
         } = lease;
         self.inner.busy.fetch_sub(1, Ordering::SeqCst);
         let closed = self.inner.closed.load(Ordering::SeqCst);
-        if healthy && !closed && instance.is_alive() && !instance.needs_recycle() {
+        // No liveness check here: the next checkout makes it (a system call per check, and one
+        // per turn is enough) and replaces an instance that died after its reply.
+        if healthy && !closed && !instance.needs_recycle() {
             self.inner.idle.lock().await.push(Idle {
                 instance,
                 since: Instant::now(),
