@@ -206,6 +206,15 @@ pub struct Route {
     pub capabilities: Vec<String>,
 }
 
+impl Route {
+    /// Whether one of the handler's `on` patterns matches `subject`.
+    fn listens_to(&self, subject: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| grizzly_shared::subject::pattern_matches(p, subject))
+    }
+}
+
 /// The routing table: for each event, the handlers that must run.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
@@ -247,21 +256,14 @@ impl RouteTable {
         } else {
             None
         };
-        self.routes.iter().filter(move |r| {
-            outcome_of != Some(r.handler.as_str())
-                && r.patterns
-                    .iter()
-                    .any(|p| grizzly_shared::subject::pattern_matches(p, subject))
-        })
+        self.routes
+            .iter()
+            .filter(move |r| outcome_of != Some(r.handler.as_str()) && r.listens_to(subject))
     }
 
     /// Whether some handler's subject pattern matches `subject` (whatever the event says).
     pub fn subscribed(&self, subject: &str) -> bool {
-        self.routes.iter().any(|r| {
-            r.patterns
-                .iter()
-                .any(|p| grizzly_shared::subject::pattern_matches(p, subject))
-        })
+        self.routes.iter().any(|r| r.listens_to(subject))
     }
 
     /// Every handler that declares `capability`.

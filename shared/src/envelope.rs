@@ -475,10 +475,9 @@ impl EventEnvelope {
             && ["source", "time", "datacontenttype"]
                 .into_iter()
                 .all(string)
-            && attrs.get("priority").is_none_or(|p| {
-                p.as_str()
-                    .is_some_and(|p| Priority::ALL.iter().any(|q| q.as_str() == p))
-            })
+            && attrs
+                .get("priority")
+                .is_none_or(|p| p.as_str().is_some_and(|p| p.parse::<Priority>().is_ok()))
             && ["correlationid", "causationid", "traceparent", "capability"]
                 .into_iter()
                 .all(optional);
