@@ -131,11 +131,31 @@ pub struct PoolSpec {
     /// Defaults to the handler's `concurrency`.
     #[serde(default)]
     pub max: Option<usize>,
+    /// `claude` only: how many `/clear` exchanges an instance started ahead of demand (pre-warm,
+    /// replacement) makes before it takes its first event. They make no API request; they run
+    /// the CLI's JavaScript until its JIT has compiled it, which a fresh process otherwise does
+    /// during its first few dozen events (at about half its later speed). Default
+    /// [`PoolSpec::DEFAULT_WARMUP`]; `0` turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<u32>,
+}
+
+impl PoolSpec {
+    pub const DEFAULT_WARMUP: u32 = 50;
+    pub const MAX_WARMUP: u32 = 1000;
+
+    pub fn warmup(&self) -> u32 {
+        self.warmup.unwrap_or(Self::DEFAULT_WARMUP)
+    }
 }
 
 impl Default for PoolSpec {
     fn default() -> Self {
-        Self { min: 1, max: None }
+        Self {
+            min: 1,
+            max: None,
+            warmup: None,
+        }
     }
 }
 
@@ -374,6 +394,18 @@ impl HandlerSpec {
                 "pool: min ({}) is larger than max ({})",
                 self.pool.min,
                 self.pool_max()
+            ));
+        }
+        if self.kind != HandlerKind::Claude && self.pool.warmup.is_some() {
+            problems.push(format!(
+                "pool.warmup: only for `claude` handlers, not `{}`",
+                self.kind
+            ));
+        }
+        if self.pool.warmup() > PoolSpec::MAX_WARMUP {
+            problems.push(format!(
+                "pool.warmup: at most {} (each is a `/clear` of ~10 ms)",
+                PoolSpec::MAX_WARMUP
             ));
         }
         match self.kind {
@@ -742,6 +774,41 @@ priority: high
             parse("name: c\non: [\"events.>\"]\nkind: claude\ntemplate: \"hi {{ event.data }}\"\n")
                 .unwrap();
         assert_eq!(ok.prompt_template.as_deref(), Some("hi {{ event.data }}"));
+    }
+
+    #[test]
+    fn pool_warmup_is_for_claude_only_bounded_and_defaulted() {
+        let claude = "name: c\non: [\"events.>\"]\nkind: claude\ntemplate: hi\n";
+        let h = parse(claude).unwrap();
+        assert_eq!(h.spec.pool.warmup(), PoolSpec::DEFAULT_WARMUP);
+        let h = parse(&format!("{claude}pool: {{ min: 2, warmup: 0 }}\n")).unwrap();
+        assert_eq!((h.spec.pool.min, h.spec.pool.warmup()), (2, 0));
+
+        let errs = parse(&format!("{claude}pool: {{ warmup: 5000 }}\n")).unwrap_err();
+        assert!(
+            errs[0].message.starts_with("pool.warmup: at most 1000"),
+            "{}",
+            errs[0]
+        );
+        assert_eq!((errs[0].line, errs[0].column), (Some(5), Some(9)));
+        // Not a count: the parser's error, at the value.
+        for bad in ["-1", "lots"] {
+            let errs = parse(&format!("{claude}pool: {{ warmup: {bad} }}\n")).unwrap_err();
+            assert_eq!(
+                (errs[0].line, errs[0].column),
+                (Some(5), Some(17)),
+                "{}",
+                errs[0]
+            );
+        }
+
+        let process = "name: p\non: [\"events.>\"]\nkind: process\ncommand: [x]\n";
+        let errs = parse(&format!("{process}pool:\n  min: 1\n  warmup: 3\n")).unwrap_err();
+        assert_eq!(
+            errs[0].message,
+            "pool.warmup: only for `claude` handlers, not `process`"
+        );
+        assert_eq!((errs[0].line, errs[0].column), (Some(7), Some(3)));
     }
 }
 

@@ -146,6 +146,13 @@ async fn a_pool_of_two_serves_twenty_events_on_the_same_two_processes() -> anyho
         .map(|o| o["pool"]["spawned"].as_u64().unwrap())
         .max();
     assert_eq!(spawned, Some(2), "no process started after the pre-warm");
+    // Both were warmed up (`pool.warmup` `/clear`s) before the first event, at no API cost.
+    assert_eq!(s.fake.stats().message_requests, 20);
+    assert!(
+        all.iter().all(|o| o["pool"]["warmed_up"] == 2),
+        "{:?}",
+        all.iter().map(|o| &o["pool"]).collect::<Vec<_>>()
+    );
     assert!(all.iter().filter(|o| o["warm"] == true).count() >= 18);
 
     let warm = millis(&all, |o| o["warm"] == true);

@@ -23,6 +23,11 @@ pub trait Instance: Send + 'static {
     fn affinity(&self) -> Option<&str> {
         None
     }
+    /// Readies an instance started ahead of demand, before it takes its first task. An error
+    /// replaces it.
+    fn warm_up(&mut self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Stops the process (gracefully if it can, then by force).
     fn stop(self) -> BoxFuture<'static, ()>;
 }
@@ -37,6 +42,8 @@ pub struct PoolStats {
     pub min: usize,
     pub max: usize,
     pub spawned: u64,
+    /// Instances started ahead of demand that finished [`Instance::warm_up`].
+    pub warmed_up: u64,
     pub recycled: u64,
     pub failures: u64,
 }
@@ -56,6 +63,7 @@ struct Inner<I> {
     size: AtomicUsize,
     busy: AtomicUsize,
     spawned: AtomicU64,
+    warmed_up: AtomicU64,
     recycled: AtomicU64,
     failures: AtomicU64,
     closed: AtomicBool,
@@ -95,6 +103,7 @@ impl<I: Instance> Pool<I> {
                 size: AtomicUsize::new(0),
                 busy: AtomicUsize::new(0),
                 spawned: AtomicU64::new(0),
+                warmed_up: AtomicU64::new(0),
                 recycled: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
@@ -105,18 +114,36 @@ impl<I: Instance> Pool<I> {
         pool
     }
 
-    /// Starts `min` instances ahead of the first task.
+    /// Starts `min` instances ahead of the first task and warms them up side by side.
     pub async fn prewarm(&self) {
-        let mut started = Vec::new();
-        for _ in 0..self.inner.min {
-            if let Some(instance) = self.spawn().await {
-                started.push(Idle {
-                    instance,
-                    since: Instant::now(),
-                });
+        let starts = (0..self.inner.min).map(|_| self.spawn_warm());
+        let started = futures::future::join_all(starts).await;
+        self.inner
+            .idle
+            .lock()
+            .await
+            .extend(started.into_iter().flatten().map(|instance| Idle {
+                instance,
+                since: Instant::now(),
+            }));
+    }
+
+    /// An instance started ahead of demand: no task waits for it, so it warms up first.
+    async fn spawn_warm(&self) -> Option<I> {
+        let mut instance = self.spawn().await?;
+        let started = Instant::now();
+        match instance.warm_up().await {
+            Ok(()) => {
+                self.inner.warmed_up.fetch_add(1, Ordering::SeqCst);
+                debug!(took = ?started.elapsed(), "pool instance warmed up");
+                Some(instance)
+            }
+            Err(e) => {
+                warn!(error = %e, "pool instance failed its warm-up; replacing it");
+                self.discard(instance, false).await;
+                None
             }
         }
-        self.inner.idle.lock().await.extend(started);
     }
 
     async fn spawn(&self) -> Option<I> {
@@ -234,7 +261,7 @@ impl<I: Instance> Pool<I> {
         };
         let pool = self.clone();
         tokio::spawn(async move {
-            if let Some(instance) = pool.spawn().await {
+            if let Some(instance) = pool.spawn_warm().await {
                 pool.inner.idle.lock().await.push(Idle {
                     instance,
                     since: Instant::now(),
@@ -278,6 +305,7 @@ impl<I: Instance> Pool<I> {
             min: self.inner.min,
             max: self.inner.max,
             spawned: self.inner.spawned.load(Ordering::SeqCst),
+            warmed_up: self.inner.warmed_up.load(Ordering::SeqCst),
             recycled: self.inner.recycled.load(Ordering::SeqCst),
             failures: self.inner.failures.load(Ordering::SeqCst),
         }
@@ -292,6 +320,7 @@ impl<I: Instance> Pool<I> {
             min: self.inner.min,
             max: self.inner.max,
             spawned: self.inner.spawned.load(Ordering::SeqCst),
+            warmed_up: self.inner.warmed_up.load(Ordering::SeqCst),
             recycled: self.inner.recycled.load(Ordering::SeqCst),
             failures: self.inner.failures.load(Ordering::SeqCst),
         }
@@ -308,5 +337,94 @@ impl<I: Instance> Pool<I> {
             self.inner.size.fetch_sub(1, Ordering::SeqCst);
             entry.instance.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake instance: `warm_up` fails for instances whose number is in `fail`.
+    struct Fake {
+        n: usize,
+        warmed: Arc<Mutex<Vec<usize>>>,
+        fail: Vec<usize>,
+    }
+
+    impl Instance for Fake {
+        fn is_alive(&mut self) -> bool {
+            true
+        }
+        fn needs_recycle(&mut self) -> bool {
+            false
+        }
+        fn warm_up(&mut self) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                if self.fail.contains(&self.n) {
+                    return Err("no".into());
+                }
+                self.warmed.lock().await.push(self.n);
+                Ok(())
+            })
+        }
+        fn stop(self) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn pool(min: usize, max: usize, fail: Vec<usize>) -> (Pool<Fake>, Arc<Mutex<Vec<usize>>>) {
+        let warmed = Arc::new(Mutex::new(Vec::new()));
+        let (count, w) = (Arc::new(AtomicUsize::new(0)), warmed.clone());
+        let spawner: Spawner<Fake> = Arc::new(move || {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (warmed, fail) = (w.clone(), fail.clone());
+            Box::pin(async move { Ok(Fake { n, warmed, fail }) })
+        });
+        (
+            Pool::new(min, max, Duration::from_secs(300), spawner),
+            warmed,
+        )
+    }
+
+    #[tokio::test]
+    async fn instances_started_ahead_of_demand_warm_up_and_those_a_task_waits_for_do_not() {
+        let (pool, warmed) = pool(2, 3, vec![]);
+        pool.prewarm().await;
+        assert_eq!(*warmed.lock().await, vec![0, 1]);
+        let leases = [
+            pool.checkout(None).await.unwrap(),
+            pool.checkout(None).await.unwrap(),
+            pool.checkout(None).await.unwrap(),
+        ];
+        // The third was started for a waiting task: no warm-up.
+        assert!(leases[0].reused && leases[1].reused && !leases[2].reused);
+        assert_eq!(warmed.lock().await.len(), 2);
+        let stats = pool.stats().await;
+        assert_eq!((stats.spawned, stats.warmed_up, stats.busy), (3, 2, 3));
+    }
+
+    #[tokio::test]
+    async fn an_instance_failing_its_warm_up_is_replaced_by_demand() {
+        let (pool, warmed) = pool(2, 2, vec![1]);
+        pool.prewarm().await;
+        assert_eq!(*warmed.lock().await, vec![0]);
+        let stats = pool.stats().await;
+        assert_eq!((stats.size, stats.idle, stats.failures), (1, 1, 1));
+        let a = pool.checkout(None).await.unwrap();
+        let b = pool.checkout(None).await.unwrap();
+        assert_eq!((a.instance.n, b.instance.n), (0, 2));
+        assert_eq!(pool.stats().await.size, 2);
+    }
+
+    #[tokio::test]
+    async fn a_replacement_warms_up_before_it_is_handed_out() {
+        let (pool, warmed) = pool(1, 1, vec![]);
+        pool.prewarm().await;
+        let lease = pool.checkout(None).await.unwrap();
+        pool.checkin(lease, false).await; // crashed: replaced in the background
+        let lease = pool.checkout(None).await.unwrap();
+        assert_eq!(lease.instance.n, 1);
+        assert_eq!(*warmed.lock().await, vec![0, 1]);
+        assert_eq!(pool.stats().await.warmed_up, 2);
     }
 }
