@@ -459,6 +459,20 @@ async fn handlers(
     })
     .await?;
 
+    // Every pool first finishes its pre-warm (start-up and `pool.warmup`, which the first event
+    // of a handler waits for) and serves each of its instances one turn, so no pool is still
+    // starting while the cold baseline or a smaller pool is measured.
+    for size in sizes {
+        bench
+            .run_batch(
+                &format!("warm{size}"),
+                size * 2,
+                size * 2,
+                |i| format!("events.bench.w{i}.warm{size}"),
+                Duration::from_secs(300),
+            )
+            .await?;
+    }
     eprintln!("cold: {cold_events} events, `claude -p` per event, {COLD_IN_FLIGHT} in flight ...");
     let cold = bench
         .run_batch(
@@ -471,16 +485,6 @@ async fn handlers(
         .await?;
     let mut warm_by_size = Vec::new();
     for size in sizes {
-        // Warm-up: every instance serves one turn before the measured run.
-        bench
-            .run_batch(
-                &format!("warm{size}"),
-                size * 2,
-                size * 2,
-                |i| format!("events.bench.w{i}.warm{size}"),
-                Duration::from_secs(300),
-            )
-            .await?;
         eprintln!("warm pool of {size}: {events} events, {size} in flight ...");
         let m = bench
             .run_batch(
