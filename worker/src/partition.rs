@@ -306,7 +306,7 @@ impl PartitionRunner {
                 }
             }
         };
-        info!(%handler, partition = self.partition, "partition acquired");
+        info!(worker = %self.env.worker_id, %handler, partition = self.partition, "partition acquired");
         let mut schedule = Schedule::default();
         let mut running: FuturesUnordered<Finished> = FuturesUnordered::new();
         let mut collector = self.ctx.handler.spec.batch.as_ref().and_then(|spec| {
@@ -373,13 +373,15 @@ impl PartitionRunner {
             };
             loop {
                 if !self.fence.held() {
-                    // Start and pull nothing until the lease is renewed (or lost: then `stop`).
-                    tokio::select! {
-                        _ = stop.cancelled() => break 'pull,
-                        Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
-                        _ = tokio::time::sleep(FENCE_POLL) => {}
-                    }
-                    continue;
+                    // Not surely ours any more: close the pull at once and start nothing until
+                    // the lease is renewed (or lost: then `stop`). An open pull keeps asking
+                    // for tasks, and once a successor has recreated the consumer (same name)
+                    // those requests took the successor's tasks, which this runner never
+                    // started: they came back only after `ack_wait`, behind later tasks of their
+                    // aggregates (seen after broker restarts, when lease rounds stalled). Back
+                    // in possession, a fresh consumer delivers every unfinished task in order.
+                    interrupted = true;
+                    continue 'pull;
                 }
                 let next_due = schedule.release_due();
                 // A batching handler's ready tasks join batches; closed batches need the slots.
@@ -451,7 +453,7 @@ impl PartitionRunner {
                     next = messages.next() => match next {
                         Some(Ok(msg)) => self.accept(msg, &mut schedule).await,
                         Some(Err(e)) => {
-                            warn!(%handler, error = %e, "task pull interrupted; resuming");
+                            warn!(worker = %self.env.worker_id, %handler, partition = self.partition, error = %e, "task pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             interrupted = true;
                             continue 'pull;
@@ -466,7 +468,7 @@ impl PartitionRunner {
         }
         // Drain: finish what is running; held tasks go back to the broker with the partition.
         while running.next().await.is_some() {}
-        info!(%handler, partition = self.partition, "partition released");
+        info!(worker = %self.env.worker_id, %handler, partition = self.partition, "partition released");
     }
 
     async fn accept(&self, msg: jetstream::Message, schedule: &mut Schedule) {
@@ -503,7 +505,18 @@ impl PartitionRunner {
             return;
         };
         let (msg, task) = (head.msg.clone(), head.task.clone());
-        debug!(lane, seq = task.event_seq, priority = %task.priority, "starting task");
+        // Fields are evaluated only when the line is logged.
+        debug!(
+            worker = %self.env.worker_id,
+            handler = %self.ctx.name(),
+            partition = self.partition,
+            lane,
+            seq = task.event_seq,
+            task_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+            delivered = msg.info().map(|i| i.delivered).unwrap_or(0),
+            priority = %task.priority,
+            "starting task"
+        );
         let ctx = self.ctx.clone();
         let env = self.env.clone();
         running.push(Box::pin(async move {
