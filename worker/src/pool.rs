@@ -118,14 +118,17 @@ impl<I: Instance> Pool<I> {
     pub async fn prewarm(&self) {
         let starts = (0..self.inner.min).map(|_| self.spawn_warm());
         let started = futures::future::join_all(starts).await;
-        self.inner
-            .idle
-            .lock()
-            .await
-            .extend(started.into_iter().flatten().map(|instance| Idle {
-                instance,
-                since: Instant::now(),
-            }));
+        self.park(started.into_iter().flatten()).await;
+    }
+
+    /// Puts instances on the idle list, idle from now.
+    async fn park(&self, instances: impl IntoIterator<Item = I>) {
+        let since = Instant::now();
+        self.inner.idle.lock().await.extend(
+            instances
+                .into_iter()
+                .map(|instance| Idle { instance, since }),
+        );
     }
 
     /// An instance started ahead of demand: no task waits for it, so it warms up first.
@@ -226,10 +229,7 @@ impl<I: Instance> Pool<I> {
         // No liveness check here: the next checkout makes it (a system call per check, and one
         // per turn is enough) and replaces an instance that died after its reply.
         if healthy && !closed && !instance.needs_recycle() {
-            self.inner.idle.lock().await.push(Idle {
-                instance,
-                since: Instant::now(),
-            });
+            self.park([instance]).await;
             return;
         }
         let recycled = healthy && instance.is_alive();
@@ -261,12 +261,7 @@ impl<I: Instance> Pool<I> {
         };
         let pool = self.clone();
         tokio::spawn(async move {
-            if let Some(instance) = pool.spawn_warm().await {
-                pool.inner.idle.lock().await.push(Idle {
-                    instance,
-                    since: Instant::now(),
-                });
-            }
+            pool.park(pool.spawn_warm().await).await;
             drop(slot);
         });
     }
