@@ -25,7 +25,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
-use grizzly_shared::nats::{EVENTS_STREAM, Nats, publish_confirmed};
+use grizzly_shared::nats::{EVENTS_STREAM, LeaseFence, Nats, publish_confirmed};
 use grizzly_shared::task::partition_for;
 use grizzly_shared::{EventSubject, Settings, Task};
 use serde_json::{Value, json};
@@ -41,7 +41,9 @@ use crate::registry::Registry;
 pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
 /// Ack wait of the partition consumers; a new owner does not wait for it (it recreates the
 /// consumer from the ack floor).
-const ACK_WAIT: Duration = Duration::from_secs(30);
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often a fenced partition looks whether its lease was renewed.
+const FENCE_POLL: Duration = Duration::from_millis(50);
 
 pub fn consumer_name(partition: u16) -> String {
     format!("coordinator-{partition}")
@@ -91,6 +93,8 @@ struct Cached {
 pub struct PartitionEngine {
     pub shared: Arc<Shared>,
     pub partition: u16,
+    /// Past it the partition may be another coordinator's: pull nothing, fire no timer.
+    fence: LeaseFence,
     instances: HashMap<String, Cached>,
     /// Timers whose `timer_fired` was published and not applied yet.
     fired: HashSet<(String, String)>,
@@ -153,10 +157,11 @@ fn overlaps(a: &str, b: &str) -> bool {
 }
 
 impl PartitionEngine {
-    pub fn new(shared: Arc<Shared>, partition: u16) -> Self {
+    pub fn new(shared: Arc<Shared>, partition: u16, fence: LeaseFence) -> Self {
         Self {
             shared,
             partition,
+            fence,
             instances: HashMap::new(),
             fired: HashSet::new(),
         }
@@ -266,8 +271,17 @@ impl PartitionEngine {
             instances = self.instances.len(),
             "workflow partition acquired"
         );
+        let fence = self.fence.clone();
         let mut recreate = false;
         'pull: while !stop.is_cancelled() {
+            while !fence.held() {
+                // Back in possession (renewed), the fresh consumer resumes from the ack floor.
+                recreate = true;
+                tokio::select! {
+                    _ = stop.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(FENCE_POLL) => {}
+                }
+            }
             if std::mem::take(&mut recreate) {
                 match self.fresh_consumer().await {
                     Ok(c) => consumer = c,
@@ -300,6 +314,13 @@ impl PartitionEngine {
                 }
             };
             loop {
+                if !fence.held() {
+                    // Not surely ours any more: close the pull at once. An open pull keeps
+                    // asking, and once a successor has recreated `coordinator-<p>` those requests
+                    // would take its events; an instance whose later event the successor applied
+                    // first skips the earlier one as already covered (`last_seq`).
+                    continue 'pull;
+                }
                 self.fire_due_timers().await;
                 let next_due = self.next_due();
                 let sleep = async {
@@ -314,6 +335,7 @@ impl PartitionEngine {
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break 'pull,
+                    _ = fence.lapsed() => continue 'pull,
                     _ = sleep => {}
                     next = messages.next() => match next {
                         Some(Ok(msg)) => {

@@ -33,7 +33,7 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use grizzly_shared::Settings;
 use grizzly_shared::handler::load_handlers;
-use grizzly_shared::nats::{self, Nats};
+use grizzly_shared::nats::{self, LeaseFence, Nats};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -50,6 +50,8 @@ fn partition_lease(p: u16) -> String {
 
 struct Owned {
     revision: u64,
+    /// Moved on with every confirmed renewal; workflow partitions stop pulling past it.
+    fence: LeaseFence,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -198,9 +200,14 @@ impl Coordinator {
             )
             .await?;
         let mut lost = Vec::new();
+        let margin = LeaseFence::margin(self.settings.worker.lease_ttl);
         for (key, o) in owned.iter_mut() {
+            let asked = tokio::time::Instant::now();
             match leases.update(key, self.id.clone().into(), o.revision).await {
-                Ok(r) => o.revision = r,
+                Ok(r) => {
+                    o.revision = r;
+                    o.fence.extend(asked + margin);
+                }
                 Err(e) => {
                     warn!(lease = %key, error = %e, "lease lost");
                     o.stop.cancel();
@@ -237,14 +244,17 @@ impl Coordinator {
             if owned.contains_key(&key) {
                 continue;
             }
+            let asked = tokio::time::Instant::now();
             if let Ok(revision) = leases.create(&key, self.id.clone().into()).await {
                 let stop = CancellationToken::new();
-                let engine = PartitionEngine::new(shared.clone(), p);
+                let fence = LeaseFence::new(asked + margin);
+                let engine = PartitionEngine::new(shared.clone(), p, fence.clone());
                 let task = tokio::spawn(engine.run(stop.clone()));
                 owned.insert(
                     key,
                     Owned {
                         revision,
+                        fence,
                         stop,
                         task,
                     },
@@ -252,6 +262,7 @@ impl Coordinator {
                 have += 1;
             }
         }
+        let asked = tokio::time::Instant::now();
         if !owned.contains_key(PROJECTION_LEASE)
             && let Ok(revision) = leases
                 .create(PROJECTION_LEASE, self.id.clone().into())
@@ -267,6 +278,7 @@ impl Coordinator {
                 PROJECTION_LEASE.into(),
                 Owned {
                     revision,
+                    fence: LeaseFence::new(asked + margin),
                     stop,
                     task,
                 },

@@ -10,6 +10,7 @@
 //! which listener routes which partition of the log); `grizzly_listener` holds, per partition of
 //! the log, the stream sequence from which it is still to be routed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -193,6 +194,52 @@ pub async fn ensure_lease_bucket(
         bucket: LEASES_BUCKET,
         source,
     })
+}
+
+/// Until when a partition lease is surely still ours: the owner moves it on with every confirmed
+/// renewal ([`LeaseFence::margin`] after it *asked*). Past it, a partition runner pulls and
+/// starts nothing, because another replica may own the partition by now. A replica whose lease
+/// rounds stalled (SIGSTOP, a broker restart) otherwise kept pulling from the consumer its
+/// successor had just recreated under the same name, took some of its messages, and the
+/// successor handled later messages of the same aggregate or instance first.
+#[derive(Clone)]
+pub struct LeaseFence(Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl LeaseFence {
+    /// How long after asking for a lease (or its renewal) it is surely still ours: the bucket
+    /// expires it `lease_ttl` after the write; a third of that is left as margin.
+    pub fn margin(lease_ttl: Duration) -> Duration {
+        lease_ttl * 2 / 3
+    }
+
+    pub fn new(until: tokio::time::Instant) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(until)))
+    }
+
+    pub fn extend(&self, until: tokio::time::Instant) {
+        *self.0.lock().expect("fence lock") = until;
+    }
+
+    pub fn until(&self) -> tokio::time::Instant {
+        *self.0.lock().expect("fence lock")
+    }
+
+    pub fn held(&self) -> bool {
+        tokio::time::Instant::now() < self.until()
+    }
+
+    /// Resolves once the fence has lapsed (at once if it has): a runner selects on it to close
+    /// its pull the moment the lease is no longer surely its own.
+    pub async fn lapsed(&self) {
+        loop {
+            let until = self.until();
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
+            // Renewed meanwhile? Look again at the (possibly later) deadline.
+            tokio::time::sleep_until(until).await;
+        }
+    }
 }
 
 /// The listeners' routing cursors: `cursor.<partition>` → the stream sequence from which that

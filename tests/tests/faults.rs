@@ -21,6 +21,7 @@
 //! | SIGSTOP a worker past `ack_wait` (other worker takes over), SIGCONT | as for SIGKILL worker |
 //! | SIGSTOP the only worker until its leases expire and past `ack_wait`, SIGCONT | its first outcome after SIGCONT |
 //! | SIGSTOP one of the two listeners past its lease, SIGCONT | as for SIGKILL listener |
+//! | SIGSTOP one of two coordinators until the other holds its workflow partitions, SIGCONT | the first transition in one of its partitions caused by an event appended after it |
 //! | handlers failing 5% / hanging 1% | the longest failed attempt start → success |
 //! | poison at 4% each kind | the longest append → dead letter |
 //! | `EVENTS` full (`max_bytes` lowered, then restored) | from restoring: the first outcome |
@@ -159,6 +160,7 @@ enum Fault {
     StopWorker,
     StopOnlyWorker,
     StopListener,
+    StopCoordinator,
     HandlerFaults,
     Poison,
     StorageFull,
@@ -176,6 +178,7 @@ impl Fault {
             Fault::StopWorker => "SIGSTOP worker > ack_wait",
             Fault::StopOnlyWorker => "SIGSTOP the only worker > ack_wait",
             Fault::StopListener => "SIGSTOP 1 of 2 listeners > lease",
+            Fault::StopCoordinator => "SIGSTOP 1 of 2 coordinators > lease",
             Fault::HandlerFaults => "handlers fail 5%/hang 1%",
             Fault::Poison => "poison (bad JSON/oversized/doomed)",
             Fault::StorageFull => "EVENTS storage full",
@@ -538,7 +541,8 @@ struct Cluster {
     /// Two listener replicas sharing the log's partitions, as deployed.
     listeners: Vec<(String, ChildProcess)>,
     next_listener: usize,
-    coordinator: Option<ChildProcess>,
+    /// One coordinator; two for the scenario that stops one.
+    coordinators: Vec<ChildProcess>,
     workers: Vec<(String, ChildProcess)>,
     /// Every worker process started, killed ones included.
     worker_pids: Vec<u32>,
@@ -565,7 +569,7 @@ impl Cluster {
         let mut c = Self {
             listeners: Vec::new(),
             next_listener: 1,
-            coordinator: None,
+            coordinators: Vec::new(),
             workers: Vec::new(),
             worker_pids: Vec::new(),
             next_worker: 1,
@@ -577,7 +581,7 @@ impl Cluster {
     }
 
     fn start_coordinator(&mut self, env: &TestEnv) -> anyhow::Result<()> {
-        self.coordinator = Some(ChildProcess::start(
+        self.coordinators.push(ChildProcess::start(
             "grizzly-coordinator",
             &env.settings,
             &component_env(None),
@@ -628,7 +632,7 @@ impl Cluster {
     async fn stop(mut self) {
         let mut children: Vec<ChildProcess> = self.workers.drain(..).map(|(_, c)| c).collect();
         children.extend(self.listeners.drain(..).map(|(_, c)| c));
-        children.extend(self.coordinator.take());
+        children.append(&mut self.coordinators);
         for c in &children {
             signal(c.pid(), "TERM");
         }
@@ -642,6 +646,30 @@ impl Cluster {
     }
 }
 
+/// Until every coordinator of the cluster holds workflow partitions.
+async fn wait_coordinators_spread(
+    env: &TestEnv,
+    cluster: &Cluster,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + deadline;
+    loop {
+        let owners = env.leases("wf.partition.").await?;
+        let spread = cluster.coordinators.iter().all(|c| {
+            let is = coordinator_id_of(c.pid());
+            owners.values().any(|o| is(o))
+        });
+        if spread {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "the coordinators did not share the workflow partitions: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -649,6 +677,20 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// The workflow-partition lease (`wf.partition.<p>`) of an instance.
+fn workflow_lease_of(instance: &str, partitions: u16) -> String {
+    format!(
+        "wf.partition.{}",
+        grizzly_shared::task::partition_for(instance, partitions)
+    )
+}
+
+/// Whether a lease owner is the coordinator with this pid (ids are `<host>-<pid>-<uuid>`).
+fn coordinator_id_of(pid: u32) -> impl Fn(&str) -> bool {
+    let infix = format!("-{pid}-");
+    move |owner: &str| owner.contains(&infix)
 }
 
 /// Partition owners from the lease bucket: `task.<handler>.<partition>` → worker id.
@@ -1228,12 +1270,30 @@ fn first_outcome_after(
         .min()
 }
 
-/// Time from `at` to the first event the coordinator wrote in answer to an event stored after
-/// `at` (a dead coordinator cannot have written it).
+/// The longest time from an event to a coordinator's answer to it.
+fn slowest_transition(logs: &Logs) -> Option<Duration> {
+    let stored: HashMap<&str, SystemTime> = logs
+        .events
+        .iter()
+        .filter_map(|r| Some((r.event.as_ref()?.id.as_str(), r.stored_at)))
+        .collect();
+    logs.events
+        .iter()
+        .filter_map(|r| {
+            let e = r.event.as_ref()?;
+            let cause = stored.get(e.causationid.as_deref()?)?;
+            (e.source == COORDINATOR).then(|| r.stored_at.duration_since(*cause).ok())?
+        })
+        .max()
+}
+
+/// Time from `at` to the first event a coordinator wrote, about an instance `pick` accepts, in
+/// answer to an event stored after `at` (a dead or stopped coordinator cannot have written it).
 fn first_transition_after(
     logs: &Logs,
     at: SystemTime,
     stored: &HashMap<&str, SystemTime>,
+    pick: impl Fn(&str) -> bool,
 ) -> Option<Duration> {
     logs.events
         .iter()
@@ -1241,6 +1301,7 @@ fn first_transition_after(
         .filter(|r| {
             r.event.as_ref().is_some_and(|e| {
                 e.source == COORDINATOR
+                    && pick(&e.aggregateid)
                     && e.causationid
                         .as_deref()
                         .and_then(|c| stored.get(c))
@@ -1294,6 +1355,10 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     write_handlers(&env, &fake)?;
     let mut cluster = Cluster::start(&env)?;
     env.listeners_spread(2, Duration::from_secs(30)).await?;
+    if fault == Fault::StopCoordinator {
+        cluster.start_coordinator(&env)?;
+        wait_coordinators_spread(&env, &cluster, Duration::from_secs(30)).await?;
+    }
     let first = cluster.start_worker(&env)?;
     wait_balanced(&env, &[&first], Duration::from_secs(30)).await?;
     if fault != Fault::StopOnlyWorker {
@@ -1362,6 +1427,20 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
         row.note.push_str("; ");
     }
     row.note.push_str(&injected.note);
+    if fault == Fault::StopCoordinator
+        && let Some(late) = slowest_transition(&logs)
+    {
+        // A resumed coordinator whose pull stayed open took events from the consumer its
+        // successor had recreated (same name): they came back only after the ack wait.
+        row.note
+            .push_str(&format!("; slowest transition {:.1}s", late.as_secs_f64()));
+        if late >= grizzly_coordinator::engine::ACK_WAIT {
+            row.problems.push(format!(
+                "a workflow transition came {:.1}s after its cause: a stale coordinator took the event",
+                late.as_secs_f64()
+            ));
+        }
+    }
     if let Some((_, error)) = published.refused.first() {
         // e.g. "publish failed: maximum bytes exceeded (code 503, error code 10077): ..."
         let reason = error.split(" (code").next().unwrap_or(error);
@@ -1502,7 +1581,7 @@ async fn inject(
         }
         Fault::KillCoordinator => {
             injected.at = Some(SystemTime::now());
-            if let Some(mut c) = cluster.coordinator.take() {
+            for mut c in cluster.coordinators.drain(..) {
                 c.kill();
             }
             // Restarted at once; it takes the partitions over when the dead one's leases lapse.
@@ -1513,7 +1592,7 @@ async fn inject(
             for (_, mut l) in cluster.listeners.drain(..) {
                 l.kill();
             }
-            if let Some(mut c) = cluster.coordinator.take() {
+            for mut c in cluster.coordinators.drain(..) {
                 c.kill();
             }
             let ids: Vec<String> = cluster.workers.iter().map(|(w, _)| w.clone()).collect();
@@ -1608,6 +1687,64 @@ async fn inject(
             injected.resumed = Some(SystemTime::now());
             signal(pid, "CONT");
             injected.note = format!("stopped {:.1}s", past.as_secs_f64());
+        }
+        Fault::StopCoordinator => {
+            let pid = cluster.coordinators[0].pid();
+            let victim = coordinator_id_of(pid);
+            injected.victim_partitions = env
+                .leases("wf.partition.")
+                .await?
+                .into_iter()
+                .filter(|(_, owner)| victim(owner))
+                .map(|(key, _)| key)
+                .collect();
+            ensure!(
+                !injected.victim_partitions.is_empty(),
+                "the coordinator to stop holds no workflow partition"
+            );
+            signal(pid, "STOP");
+            let at = SystemTime::now();
+            injected.at = Some(at);
+            let stopped = Instant::now();
+            // Stopped until the other coordinator holds its partitions...
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let owners = env.leases("wf.partition.").await?;
+                if injected
+                    .victim_partitions
+                    .iter()
+                    .all(|k| owners.get(k).is_some_and(|o| !victim(o)))
+                {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < until,
+                    "nobody took over the stopped coordinator's partitions"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // ...and moves their instances on (its consumers are recreated by now), so the
+            // stopped one resumes as a stale owner next to a live successor.
+            let mut watch = env.watch().await?;
+            let partitions = env.settings.partitions;
+            let keys = injected.victim_partitions.clone();
+            let mut read = 0;
+            let moved = watch
+                .wait_until(Duration::from_secs(60), |seen| {
+                    let hit = seen[read..].iter().any(|e| {
+                        e.event.as_ref().is_some_and(|ev| {
+                            ev.source == COORDINATOR
+                                && keys.contains(&workflow_lease_of(&ev.aggregateid, partitions))
+                        }) && event_time(e).is_some_and(|t| t > at)
+                    });
+                    read = seen.len();
+                    hit
+                })
+                .await;
+            injected.resumed = Some(SystemTime::now());
+            signal(pid, "CONT");
+            moved.context("the stopped coordinator's instances did not move on")?;
+            injected.note = format!("stopped {:.1}s", stopped.elapsed().as_secs_f64());
         }
         Fault::HandlerFaults | Fault::Poison => {
             injected.at = Some(SystemTime::now());
@@ -1733,7 +1870,12 @@ fn recovery(
                     partitions,
                 ))
         }),
-        Fault::KillCoordinator => first_transition_after(logs, at, &stored),
+        Fault::KillCoordinator => first_transition_after(logs, at, &stored, |_| true),
+        Fault::StopCoordinator => first_transition_after(logs, at, &stored, |instance| {
+            injected
+                .victim_partitions
+                .contains(&workflow_lease_of(instance, partitions))
+        }),
         // The first outcome of an event appended after the kill, by a restarted worker, and the
         // first transition caused by such an event: the whole pipeline is back.
         Fault::KillAll => {
@@ -1743,7 +1885,7 @@ fn recovery(
                         .get(r.str_field("event_id").as_str())
                         .is_some_and(|t| *t > at)
             })?;
-            Some(outcome.max(first_transition_after(logs, at, &stored)?))
+            Some(outcome.max(first_transition_after(logs, at, &stored, |_| true)?))
         }
         Fault::StorageFull | Fault::TasksFull => first_outcome_after(logs, at, |_| true),
         // Longest time from the start of a failed (or hung) first attempt to the event's success.
@@ -1853,6 +1995,7 @@ async fn every_promise_holds_under_every_fault() -> anyhow::Result<()> {
         Fault::StopWorker,
         Fault::StopOnlyWorker,
         Fault::StopListener,
+        Fault::StopCoordinator,
         Fault::HandlerFaults,
         Fault::Poison,
         Fault::StorageFull,

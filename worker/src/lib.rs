@@ -35,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::executor::ExecutionEnv;
-use crate::partition::{LeaseFence, PartitionRunner};
+use crate::partition::PartitionRunner;
 use crate::runtime::Runtime;
 use crate::versions::{VersionTable, context_for};
+use grizzly_shared::nats::LeaseFence;
 use grizzly_shared::registry::{self, HandlerRegistry};
 
 /// Builds the runtime for a handler's `kind`.
@@ -311,10 +312,8 @@ impl Worker {
         Ok(())
     }
 
-    /// How long after asking for a lease (or its renewal) it is surely still ours: the bucket
-    /// expires it `lease_ttl` after the write; a third of that is left as margin.
     fn lease_margin(&self) -> Duration {
-        self.settings.worker.lease_ttl * 2 / 3
+        LeaseFence::margin(self.settings.worker.lease_ttl)
     }
 
     /// What other components learn about this worker: the handlers (and versions) it serves and

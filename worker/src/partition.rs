@@ -28,7 +28,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use grizzly_shared::nats::TASKS_STREAM;
+use grizzly_shared::nats::{LeaseFence, TASKS_STREAM};
 use grizzly_shared::subject::task_subject;
 use grizzly_shared::{Priority, Task};
 use tokio::time::Instant;
@@ -53,28 +53,6 @@ pub struct PartitionRunner {
     pub partition: u16,
     pub max_ack_pending: i64,
     pub fence: LeaseFence,
-}
-
-/// Until when the partition's lease is surely still ours: the worker moves it on with every
-/// confirmed renewal. Past it the runner pulls and starts nothing, because another worker may
-/// own the partition by now — a worker whose lease rounds stalled (SIGSTOP, a broker restart)
-/// otherwise kept pulling from the consumer its successor had just recreated, took some of an
-/// aggregate's tasks, and the successor ran later tasks of that aggregate first.
-#[derive(Clone)]
-pub struct LeaseFence(Arc<std::sync::Mutex<Instant>>);
-
-impl LeaseFence {
-    pub fn new(until: Instant) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(until)))
-    }
-
-    pub fn extend(&self, until: Instant) {
-        *self.0.lock().expect("fence lock") = until;
-    }
-
-    pub fn held(&self) -> bool {
-        Instant::now() < *self.0.lock().expect("fence lock")
-    }
 }
 
 /// How often a fenced runner looks again.
