@@ -43,7 +43,7 @@ pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
 /// consumer from the ack floor).
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How often a fenced partition looks whether its lease was renewed.
-const FENCE_POLL: Duration = Duration::from_millis(50);
+pub(crate) const FENCE_POLL: Duration = Duration::from_millis(50);
 
 pub fn consumer_name(partition: u16) -> String {
     format!("coordinator-{partition}")
@@ -156,6 +156,30 @@ fn overlaps(a: &str, b: &str) -> bool {
     false
 }
 
+/// (Re)creates a durable consumer of `EVENTS` that resumes at the old one's ack floor: it
+/// delivers every event not yet acked in log order, at once. Reusing the old consumer instead
+/// would hand back its unacked events only after the ack wait, behind newer ones — and an
+/// instance (or view entry) that applied a newer event skips older ones as covered.
+pub(crate) async fn recreate_from_ack_floor(
+    js: &jetstream::Context,
+    mut config: pull::Config,
+) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+    let stream = js.get_stream(EVENTS_STREAM).await?;
+    let name = config.durable_name.clone().context("durable consumer")?;
+    let start = match stream.consumer_info(&name).await {
+        Ok(info) => Some(info.ack_floor.stream_sequence + 1),
+        Err(_) => None,
+    };
+    let _ = stream.delete_consumer(&name).await;
+    config.deliver_policy = match start {
+        Some(start_sequence) if start_sequence > 1 => {
+            DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        _ => DeliverPolicy::All,
+    };
+    Ok(stream.create_consumer(config).await?)
+}
+
 impl PartitionEngine {
     pub fn new(shared: Arc<Shared>, partition: u16, fence: LeaseFence) -> Self {
         Self {
@@ -210,41 +234,28 @@ impl PartitionEngine {
     }
 
     async fn fresh_consumer(&self) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-        let stream = self.shared.nats.js.get_stream(EVENTS_STREAM).await?;
-        let name = consumer_name(self.partition);
-        let start = match stream.consumer_info(&name).await {
-            Ok(info) => Some(info.ack_floor.stream_sequence + 1),
-            Err(_) => None,
-        };
-        let _ = stream.delete_consumer(&name).await;
-        let deliver_policy = match start {
-            Some(start_sequence) if start_sequence > 1 => {
-                DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            _ => DeliverPolicy::All,
-        };
         let filter_subjects = filter_subjects(&self.shared.registry.subscriptions());
         debug!(
             partition = self.partition,
             ?filter_subjects,
-            ?deliver_policy,
             "partition consumer"
         );
-        Ok(stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name),
+        recreate_from_ack_floor(
+            &self.shared.nats.js,
+            pull::Config {
+                durable_name: Some(consumer_name(self.partition)),
                 description: Some(format!(
                     "workflow instances of partition {}",
                     self.partition
                 )),
                 filter_subjects,
-                deliver_policy,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
                 max_ack_pending: 256,
                 ..Default::default()
-            })
-            .await?)
+            },
+        )
+        .await
     }
 
     /// Runs the partition until `stop`.

@@ -269,16 +269,18 @@ impl Coordinator {
                 .await
         {
             let stop = CancellationToken::new();
+            let fence = LeaseFence::new(asked + margin);
             let task = tokio::spawn(projection::run_projector(
                 self.nats.clone(),
                 self.settings.streams.replicas,
+                fence.clone(),
                 stop.clone(),
             ));
             owned.insert(
                 PROJECTION_LEASE.into(),
                 Owned {
                     revision,
-                    fence: LeaseFence::new(asked + margin),
+                    fence,
                     stop,
                     task,
                 },

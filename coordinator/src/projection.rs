@@ -9,16 +9,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
-use grizzly_shared::nats::{EVENTS_STREAM, Nats};
+use grizzly_shared::nats::{EVENTS_STREAM, LeaseFence, Nats};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::engine::{FENCE_POLL, recreate_from_ack_floor};
 use crate::instance::{AGGREGATE, SOURCE};
 use crate::machine::{Status, Transition};
 
@@ -213,10 +214,15 @@ pub async fn list(view: &kv::Store) -> anyhow::Result<Vec<InstanceView>> {
     Ok(out)
 }
 
-/// Keeps the view up to date until `stop`.
-pub async fn run_projector(nats: Nats, replicas: usize, stop: CancellationToken) {
+/// Keeps the view up to date until `stop`, while `fence` holds.
+pub async fn run_projector(
+    nats: Nats,
+    replicas: usize,
+    fence: LeaseFence,
+    stop: CancellationToken,
+) {
     loop {
-        match project(&nats, replicas, &stop).await {
+        match project(&nats, replicas, &fence, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 warn!(error = %e, "projector interrupted; restarting");
@@ -229,36 +235,56 @@ pub async fn run_projector(nats: Nats, replicas: usize, stop: CancellationToken)
     }
 }
 
+/// The projector's consumer: resuming at the ack floor (in log order, at once), or from the
+/// start of the log for a rebuild.
 async fn consumer(
     js: &jetstream::Context,
-    fresh: bool,
+    rebuild: bool,
 ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-    let stream = js.get_stream(EVENTS_STREAM).await?;
-    if fresh {
-        let _ = stream.delete_consumer(PROJECTOR_CONSUMER).await;
+    if rebuild {
+        let _ = js
+            .get_stream(EVENTS_STREAM)
+            .await?
+            .delete_consumer(PROJECTOR_CONSUMER)
+            .await;
     }
-    Ok(stream
-        .get_or_create_consumer(
-            PROJECTOR_CONSUMER,
-            pull::Config {
-                durable_name: Some(PROJECTOR_CONSUMER.into()),
-                description: Some("workflow instances read model".into()),
-                filter_subject: format!("events.{AGGREGATE}.>"),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 512,
-                ..Default::default()
-            },
-        )
-        .await?)
+    recreate_from_ack_floor(
+        js,
+        pull::Config {
+            durable_name: Some(PROJECTOR_CONSUMER.into()),
+            description: Some("workflow instances read model".into()),
+            filter_subject: format!("events.{AGGREGATE}.>"),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 512,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
-async fn project(nats: &Nats, replicas: usize, stop: &CancellationToken) -> anyhow::Result<()> {
+/// Projects until `stop` or an error. Every (re)start of the pull — taking the lease over,
+/// an interrupted pull, the lease renewed after it lapsed — recreates the consumer at its ack
+/// floor: an entry that applied a newer event skips older ones as covered (`last_seq`), so
+/// the view must see each instance's events in log order.
+async fn project(
+    nats: &Nats,
+    replicas: usize,
+    fence: &LeaseFence,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let view = ensure_bucket(&nats.js, replicas).await?;
-    let mut consumer = consumer(&nats.js, false).await?;
     info!("workflow projector running");
+    let mut rebuild = false;
     'pull: loop {
+        while !fence.held() {
+            // Another coordinator may be projecting now; pull nothing until renewed.
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(FENCE_POLL) => {}
+            }
+        }
+        let consumer = consumer(&nats.js, std::mem::take(&mut rebuild)).await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(256)
@@ -268,7 +294,9 @@ async fn project(nats: &Nats, replicas: usize, stop: &CancellationToken) -> anyh
             .await?;
         loop {
             let msg = tokio::select! {
+                biased;
                 _ = stop.cancelled() => return Ok(()),
+                _ = fence.lapsed() => continue 'pull,
                 next = messages.next() => match next {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => {
@@ -296,7 +324,7 @@ async fn project(nats: &Nats, replicas: usize, stop: &CancellationToken) -> anyh
                                 .purge()
                                 .await?;
                             view.put(REBUILT_KEY, seq.to_string().into()).await?;
-                            consumer = self::consumer(&nats.js, true).await?;
+                            rebuild = true;
                             continue 'pull;
                         }
                     }

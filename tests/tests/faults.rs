@@ -41,6 +41,8 @@
 //!   delivery of a task whose outcome was never written; the note counts these re-runs);
 //! - per aggregate, each handler's outcomes follow the log order of their causes, and an outcome
 //!   comes after the events it reports as emitted;
+//! - the workflow read model (`grizzly_wf_view`) caught up by itself and every instance's entry
+//!   equals the log's workflow events applied in log order;
 //! - the system finished every event and instance by itself, within a deadline.
 //!
 //! Network partitions are not simulated.
@@ -1391,6 +1393,10 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     if let Err(e) = &settled {
         row.problems.push(format!("did not settle: {e:#}"));
     }
+    // The read model catches up by itself too (checked against the log below).
+    if let Err(e) = view_caught_up(&env, Duration::from_secs(30)).await {
+        row.problems.push(format!("{e:#}"));
+    }
     let healthy: HashSet<u32> = cluster
         .worker_pids
         .iter()
@@ -1418,6 +1424,7 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     // orphaned by a killed worker reports its new parent, never a worker's pid.)
     let rerun_excused = |worker: u32| fault == Fault::KillBroker || !healthy.contains(&worker);
     analyse(row, &published, &logs, &rerun_excused);
+    check_view(row, &env, &logs).await?;
     row.recovery = recovery(fault, &injected, &published, &logs, env.settings.partitions);
     if row.recovery.is_none() {
         row.problems
@@ -1458,6 +1465,71 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
         ));
     }
     drop(fake);
+    Ok(())
+}
+
+/// Until the workflow projector has applied (and acked) every workflow event in the log.
+async fn view_caught_up(env: &TestEnv, deadline: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + deadline;
+    let stream = env.nats.js.get_stream(EVENTS_STREAM).await?;
+    loop {
+        // The projector recreates its consumer now and then: a missing one is not caught up.
+        let done = stream
+            .consumer_info(grizzly_coordinator::projection::PROJECTOR_CONSUMER)
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0);
+        if done {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "the workflow read model did not catch up with the log"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every instance's entry in the read model equals the log's workflow events applied in order:
+/// an entry that skipped or reordered an event differs.
+async fn check_view(row: &mut Row, env: &TestEnv, logs: &Logs) -> anyhow::Result<()> {
+    use grizzly_coordinator::projection::{self, InstanceView, VIEW_AGGREGATE_ID};
+    let mut expected: HashMap<&str, InstanceView> = HashMap::new();
+    for r in &logs.events {
+        if let Some(e) = &r.event
+            && e.aggregatetype == grizzly_coordinator::instance::AGGREGATE
+            && e.aggregateid != VIEW_AGGREGATE_ID
+        {
+            expected
+                .entry(e.aggregateid.as_str())
+                .or_default()
+                .apply(e, r.seq);
+        }
+    }
+    let view = projection::ensure_bucket(&env.nats.js, 1).await?;
+    let mut wrong = Vec::new();
+    for (id, want) in &expected {
+        let got = projection::get(&view, id).await?;
+        if got.as_ref() != Some(want) {
+            wrong.push(format!(
+                "{id}: view has {} events up to seq {}, status {:?}; the log {} up to {}, {:?}",
+                got.as_ref().map_or(0, |g| g.events),
+                got.as_ref().map_or(0, |g| g.last_seq),
+                got.as_ref().map(|g| g.status.as_str()),
+                want.events,
+                want.last_seq,
+                want.status
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        wrong.sort();
+        row.problems.push(format!(
+            "{} of {} instances differ in the read model from the log, e.g. {}",
+            wrong.len(),
+            expected.len(),
+            wrong[..wrong.len().min(3)].join("; ")
+        ));
+    }
     Ok(())
 }
 
