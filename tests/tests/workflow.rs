@@ -579,6 +579,42 @@ async fn suspend_resume_cancel_work_from_the_cli_and_illegal_transitions_are_ref
         "{}",
         text(&out)
     );
+    // A damaged read model is rebuilt from the log, entry for entry.
+    use grizzly_coordinator::projection;
+    let view = projection::ensure_bucket(&env.nats.js, 1).await?;
+    let events = env
+        .nats
+        .js
+        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
+        .await?;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !events
+        .consumer_info(projection::PROJECTOR_CONSUMER)
+        .await
+        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    {
+        assert!(tokio::time::Instant::now() < until, "the read model lags");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = projection::list(&view).await?;
+    assert_eq!(before.len(), 2, "{before:?}");
+    view.delete("i-1").await?;
+    let mut damaged = before[1].clone();
+    damaged.status = "running".into();
+    view.put(&damaged.id, serde_json::to_vec(&damaged)?.into())
+        .await?;
+    let out = grizzly(&env, &["workflow", "list", "--rebuild"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rebuild requested"), "{}", text(&out));
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while projection::list(&view).await? != before {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the read model was not rebuilt: {:?}",
+            projection::list(&view).await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
