@@ -404,6 +404,9 @@ impl PartitionRunner {
                 };
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
+                    // Wakes an idle runner, whose pull would otherwise stay open (and keep
+                    // asking for tasks) until something else happened.
+                    _ = self.fence.lapsed() => {}
                     Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
                     acquired = async { slots.as_mut().expect("guarded").await }, if slots.is_some() => {
                         slots = None;
@@ -429,7 +432,12 @@ impl PartitionRunner {
                         }
                     }
                     next = messages.next() => match next {
-                        Some(Ok(msg)) => self.accept(msg, &mut schedule).await,
+                        Some(Ok(msg)) if self.fence.held() => self.accept(msg, &mut schedule).await,
+                        Some(Ok(msg)) => {
+                            // Arrived as the fence lapsed: maybe from a successor's consumer.
+                            // Handing it back at once beats holding it until `ack_wait`.
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        }
                         Some(Err(e)) => {
                             warn!(worker = %self.env.worker_id, %handler, partition = self.partition, error = %e, "task pull interrupted; resuming");
                             tokio::time::sleep(Duration::from_millis(100)).await;
