@@ -236,7 +236,8 @@ pub async fn run_projector(
 }
 
 /// The projector's consumer: resuming at the ack floor (in log order, at once), or from the
-/// start of the log for a rebuild.
+/// start of the log for a rebuild (the old one deleted first: nothing acked yet, so recreating
+/// it at its ack floor then starts from the start too).
 async fn consumer(
     js: &jetstream::Context,
     rebuild: bool,
@@ -275,7 +276,6 @@ async fn project(
 ) -> anyhow::Result<()> {
     let view = ensure_bucket(&nats.js, replicas).await?;
     info!("workflow projector running");
-    let mut rebuild = false;
     'pull: loop {
         while !fence.held() {
             // Another coordinator may be projecting now; pull nothing until renewed.
@@ -284,7 +284,7 @@ async fn project(
                 _ = tokio::time::sleep(FENCE_POLL) => {}
             }
         }
-        let consumer = consumer(&nats.js, std::mem::take(&mut rebuild)).await?;
+        let consumer = consumer(&nats.js, false).await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(256)
@@ -323,8 +323,10 @@ async fn project(
                                 .await?
                                 .purge()
                                 .await?;
+                            // From the start of the log, and only then marked done: a failure
+                            // in between replays this request, which rebuilds again.
+                            self::consumer(&nats.js, true).await?;
                             view.put(REBUILT_KEY, seq.to_string().into()).await?;
-                            rebuild = true;
                             continue 'pull;
                         }
                     }
