@@ -42,8 +42,6 @@ pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
 /// Ack wait of the partition consumers; a new owner does not wait for it (it recreates the
 /// consumer from the ack floor).
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
-/// How often a fenced partition looks whether its lease was renewed.
-pub(crate) const FENCE_POLL: Duration = Duration::from_millis(50);
 
 pub fn consumer_name(partition: u16) -> String {
     format!("coordinator-{partition}")
@@ -285,12 +283,12 @@ impl PartitionEngine {
         let fence = self.fence.clone();
         let mut recreate = false;
         'pull: while !stop.is_cancelled() {
-            while !fence.held() {
+            if !fence.held() {
                 // Back in possession (renewed), the fresh consumer resumes from the ack floor.
                 recreate = true;
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
-                    _ = tokio::time::sleep(FENCE_POLL) => {}
+                    _ = fence.renewed() => {}
                 }
             }
             if std::mem::take(&mut recreate) {

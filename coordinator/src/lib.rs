@@ -44,7 +44,8 @@ use crate::registry::Registry;
 
 const PROJECTION_LEASE: &str = "wf.projection";
 
-fn partition_lease(p: u16) -> String {
+/// The lease key of workflow partition `p`.
+pub fn partition_lease(p: u16) -> String {
     format!("wf.partition.{p}")
 }
 

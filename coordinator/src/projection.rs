@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::engine::{FENCE_POLL, recreate_from_ack_floor};
+use crate::engine::recreate_from_ack_floor;
 use crate::instance::{AGGREGATE, SOURCE};
 use crate::machine::{Status, Transition};
 
@@ -277,12 +277,10 @@ async fn project(
     let view = ensure_bucket(&nats.js, replicas).await?;
     info!("workflow projector running");
     'pull: loop {
-        while !fence.held() {
-            // Another coordinator may be projecting now; pull nothing until renewed.
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(FENCE_POLL) => {}
-            }
+        // Another coordinator may be projecting now; pull nothing until renewed.
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = fence.renewed() => {}
         }
         let consumer = consumer(&nats.js, false).await?;
         let mut messages = consumer

@@ -228,6 +228,14 @@ impl LeaseFence {
         tokio::time::Instant::now() < self.until()
     }
 
+    /// Resolves once the fence holds again (a renewal moved it on), looking every 50 ms: a
+    /// fenced runner waits on it before it pulls again.
+    pub async fn renewed(&self) {
+        while !self.held() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Resolves once the fence has lapsed (at once if it has): a runner selects on it to close
     /// its pull the moment the lease is no longer surely its own.
     pub async fn lapsed(&self) {

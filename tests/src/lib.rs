@@ -180,6 +180,26 @@ impl TestEnv {
             .collect())
     }
 
+    /// Waits until the workflow projector has applied (and acked) every workflow event in the
+    /// log: its consumer has nothing pending. The projector recreates that consumer now and
+    /// then; a missing one is not caught up.
+    pub async fn workflow_view_caught_up(&self, deadline: Duration) -> anyhow::Result<()> {
+        let events = self.nats.js.get_stream(EVENTS_STREAM).await?;
+        let until = tokio::time::Instant::now() + deadline;
+        while !events
+            .consumer_info(grizzly_coordinator::projection::PROJECTOR_CONSUMER)
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+        {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "the workflow read model did not catch up with the log"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until every partition of the log is routed and `replicas` listeners share them.
     pub async fn listeners_spread(
         &self,

@@ -683,10 +683,7 @@ fn signal(pid: u32, sig: &str) {
 
 /// The workflow-partition lease (`wf.partition.<p>`) of an instance.
 fn workflow_lease_of(instance: &str, partitions: u16) -> String {
-    format!(
-        "wf.partition.{}",
-        grizzly_shared::task::partition_for(instance, partitions)
-    )
+    grizzly_coordinator::partition_lease(grizzly_shared::task::partition_for(instance, partitions))
 }
 
 /// Whether a lease owner is the coordinator with this pid (ids are `<host>-<pid>-<uuid>`).
@@ -1394,7 +1391,7 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
         row.problems.push(format!("did not settle: {e:#}"));
     }
     // The read model catches up by itself too (checked against the log below).
-    if let Err(e) = view_caught_up(&env, Duration::from_secs(30)).await {
+    if let Err(e) = env.workflow_view_caught_up(Duration::from_secs(30)).await {
         row.problems.push(format!("{e:#}"));
     }
     let healthy: HashSet<u32> = cluster
@@ -1466,27 +1463,6 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     }
     drop(fake);
     Ok(())
-}
-
-/// Until the workflow projector has applied (and acked) every workflow event in the log.
-async fn view_caught_up(env: &TestEnv, deadline: Duration) -> anyhow::Result<()> {
-    let until = Instant::now() + deadline;
-    let stream = env.nats.js.get_stream(EVENTS_STREAM).await?;
-    loop {
-        // The projector recreates its consumer now and then: a missing one is not caught up.
-        let done = stream
-            .consumer_info(grizzly_coordinator::projection::PROJECTOR_CONSUMER)
-            .await
-            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0);
-        if done {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < until,
-            "the workflow read model did not catch up with the log"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Every instance's entry in the read model equals the log's workflow events applied in order:

@@ -465,25 +465,6 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
-/// Until the workflow projector has applied every workflow event in the log.
-async fn view_caught_up(env: &TestEnv) -> anyhow::Result<()> {
-    let events = env
-        .nats
-        .js
-        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
-        .await?;
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while !events
-        .consumer_info(grizzly_coordinator::projection::PROJECTOR_CONSUMER)
-        .await
-        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
-    {
-        anyhow::ensure!(tokio::time::Instant::now() < until, "the read model lags");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn suspend_resume_cancel_work_from_the_cli_and_illegal_transitions_are_refused()
 -> anyhow::Result<()> {
@@ -573,7 +554,7 @@ async fn suspend_resume_cancel_work_from_the_cli_and_illegal_transitions_are_ref
     })
     .await?;
     // The read model lists both, with their final status.
-    view_caught_up(&env).await?;
+    env.workflow_view_caught_up(DEADLINE).await?;
     let list = grizzly(&env, &["workflow", "list", "--json"]).await;
     let rows: Value = serde_json::from_slice(&list.stdout)?;
     let by_id: HashMap<&str, &str> = rows
@@ -602,7 +583,7 @@ async fn suspend_resume_cancel_work_from_the_cli_and_illegal_transitions_are_ref
     // A damaged read model is rebuilt from the log, entry for entry.
     use grizzly_coordinator::projection;
     let view = projection::ensure_bucket(&env.nats.js, 1).await?;
-    view_caught_up(&env).await?;
+    env.workflow_view_caught_up(DEADLINE).await?;
     let before = projection::list(&view).await?;
     assert_eq!(before.len(), 2, "{before:?}");
     view.delete("i-1").await?;

@@ -55,9 +55,6 @@ pub struct PartitionRunner {
     pub fence: LeaseFence,
 }
 
-/// How often a fenced runner looks again.
-const FENCE_POLL: Duration = Duration::from_millis(50);
-
 pub(crate) struct Held {
     pub(crate) msg: jetstream::Message,
     pub(crate) task: Task,
@@ -305,7 +302,7 @@ impl PartitionRunner {
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
                     Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
-                    _ = tokio::time::sleep(FENCE_POLL) => {}
+                    _ = self.fence.renewed() => {}
                 }
             }
             if interrupted {
