@@ -78,7 +78,12 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
             events,
             cold_events,
             json,
-        } => (handlers(settings, events, cold_events).await?.json(), json),
+        } => (
+            handlers(settings, events, cold_events, MODEL_TURNS)
+                .await?
+                .json(),
+            json,
+        ),
         BenchCommand::Throughput {
             events,
             fsync,
@@ -250,8 +255,23 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         deadline: Duration,
     ) -> anyhow::Result<Measured> {
+        self.run_batch_spread(handler, n, in_flight, subject_for, Duration::ZERO, deadline)
+            .await
+    }
+
+    /// [`Bench::run_batch`] with the first `in_flight` events published `spread / in_flight`
+    /// apart instead of all at once (see [`handlers`] for why).
+    async fn run_batch_spread(
+        &self,
+        handler: &str,
+        n: usize,
+        in_flight: usize,
+        subject_for: impl Fn(usize) -> String,
+        spread: Duration,
+        deadline: Duration,
+    ) -> anyhow::Result<Measured> {
         Ok(self
-            .run_batch_with_dispatch(handler, n, in_flight, subject_for, deadline)
+            .run_batch_with_dispatch(handler, n, in_flight, subject_for, spread, deadline)
             .await?
             .0)
     }
@@ -274,6 +294,7 @@ impl Bench {
         n: usize,
         in_flight: usize,
         subject_for: impl Fn(usize) -> String,
+        spread: Duration,
         deadline: Duration,
     ) -> anyhow::Result<(Measured, Vec<f64>)> {
         const OUTCOMES: [&str; 2] = ["events.*.*.handler_succeeded", "events.*.*.handler_failed"];
@@ -296,10 +317,20 @@ impl Bench {
         };
         let first_wave = in_flight.min(n);
         let started = time::OffsetDateTime::now_utc();
-        let wave: Vec<_> = (0..first_wave)
-            .map(|i| publish(i, &mut published))
-            .collect();
-        publish_all(&self.nats.js, wave.into_iter()).await?;
+        if spread.is_zero() {
+            let wave: Vec<_> = (0..first_wave)
+                .map(|i| publish(i, &mut published))
+                .collect();
+            publish_all(&self.nats.js, wave.into_iter()).await?;
+        } else {
+            let gap = spread / first_wave.max(1) as u32;
+            for i in 0..first_wave {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                publish_all(&self.nats.js, std::iter::once(publish(i, &mut published))).await?;
+            }
+        }
         let mut sent = first_wave;
         if burst {
             self.wait_count(start_seq, &OUTCOMES, n, deadline).await?;
@@ -442,10 +473,15 @@ struct HandlerFigures {
     /// The same pools while each model call takes [`MODEL_LATENCY`] (as a real one takes
     /// seconds): how throughput scales with concurrent turns when turns wait on the model.
     with_model_latency: Vec<(usize, Measured)>,
+    /// The largest pool again with the model latency, its first turns all started at once.
+    lockstep: (usize, Measured),
 }
 
 /// The fake Messages API's reply delay for the scaling run.
 const MODEL_LATENCY: Duration = Duration::from_millis(400);
+
+/// Turns per pooled instance in the scaling run with [`MODEL_LATENCY`] (see [`handlers`]).
+const MODEL_TURNS: usize = 12;
 
 /// Turns in flight for the cold baseline (and the warm pool it is compared with).
 const COLD_IN_FLIGHT: usize = 4;
@@ -474,6 +510,7 @@ impl HandlerFigures {
             "warm4_p50_ms": self.warm(COLD_IN_FLIGHT).p50_ms,
             "model_latency_ms": MODEL_LATENCY.as_millis() as u64,
             "with_model_latency": self.with_model_latency.iter().map(|(s, m)| json!({"pool": s, "figures": m})).collect::<Vec<_>>(),
+            "with_model_latency_started_together": json!({"pool": self.lockstep.0, "figures": self.lockstep.1}),
         })
     }
 }
@@ -482,6 +519,7 @@ async fn handlers(
     settings: &Settings,
     events: usize,
     cold_events: usize,
+    model_turns: usize,
 ) -> anyhow::Result<HandlerFigures> {
     let claude = claude_bin()?;
     let fake = grizzly_devkit::FakeMessagesApi::start(Default::default()).await?;
@@ -561,31 +599,53 @@ async fn handlers(
             .await?;
         warm_by_size.push((size, m));
     }
-    // Scaling while turns wait on the model: the pools are warm already.
+    // Scaling while turns wait on the model: the pools are warm already. The first turns start
+    // spread over one model latency, as independent arrivals would. Started together, with a
+    // model that always takes the same time, they run in lock-step at first: every model reply
+    // wakes all n Claude Code processes at once on the same cores. With 4 turns per instance,
+    // 8 turns started together measured p50 619 ms and ×5.8 the 1-turn rate, against 453 ms
+    // and ×6.6 spread; with 12 turns per instance ([`MODEL_TURNS`]) the ramp and the last
+    // wave's tail weigh less and the turns drift apart: ×7.3 together, ×7.4 spread. The
+    // largest pool is also measured started together and reported beside, without a target.
     fake.set_latency(MODEL_LATENCY);
     let mut slow_by_size = Vec::new();
     for size in sizes {
-        let n = (4 * size).max(8);
+        let n = model_turns * size;
         eprintln!(
             "warm pool of {size}, model replies after {MODEL_LATENCY:?}: {n} events, {size} in flight ..."
         );
         let m = bench
-            .run_batch(
+            .run_batch_spread(
                 &format!("warm{size}"),
                 n,
                 size,
                 |i| format!("events.bench.l{i}.warm{size}"),
+                MODEL_LATENCY,
                 Duration::from_secs(300),
             )
             .await?;
         slow_by_size.push((size, m));
     }
+    let largest = *sizes.last().expect("sizes");
+    eprintln!(
+        "warm pool of {largest}, model replies after {MODEL_LATENCY:?}, all started together ..."
+    );
+    let lockstep = bench
+        .run_batch(
+            &format!("warm{largest}"),
+            model_turns * largest,
+            largest,
+            |i| format!("events.bench.s{i}.warm{largest}"),
+            Duration::from_secs(300),
+        )
+        .await?;
     fake.set_latency(Duration::ZERO);
     bench.shutdown().await;
     let figures = HandlerFigures {
         cold,
         warm: warm_by_size,
         with_model_latency: slow_by_size,
+        lockstep: (largest, lockstep),
     };
     println!(
         "\nhandler invocation, event published → outcome event (fake Messages API, fsync always)"
@@ -854,6 +914,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 latency_events,
                 1,
                 |i| format!("events.bench.l{}.noop", i % 100),
+                Duration::ZERO,
                 Duration::from_secs(120),
             )
             .await?;
@@ -1106,6 +1167,7 @@ fn target(
 struct Sizes {
     warm_events: usize,
     cold_events: usize,
+    model_turns: usize,
     throughput_events: usize,
     success_events: usize,
 }
@@ -1117,6 +1179,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         Sizes {
             warm_events: 12,
             cold_events: 3,
+            model_turns: 4,
             throughput_events: 2_000,
             success_events: 400,
         }
@@ -1124,6 +1187,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         Sizes {
             warm_events: 100,
             cold_events: 8,
+            model_turns: MODEL_TURNS,
             throughput_events: 20_000,
             success_events: 2_000,
         }
@@ -1133,7 +1197,13 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let handlers = handlers(settings, sizes.warm_events, sizes.cold_events).await?;
+    let handlers = handlers(
+        settings,
+        sizes.warm_events,
+        sizes.cold_events,
+        sizes.model_turns,
+    )
+    .await?;
     let modes = throughput(sizes.throughput_events, &[true, false]).await?;
     let success = success(sizes.success_events).await?;
     let (always, default) = (&modes[0], &modes[1]);
@@ -1172,6 +1242,12 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
             put(format!("scaling{size}_vs_1"), m.events_per_s / slow_one);
         }
     }
+    let (together, m) = &handlers.lockstep;
+    put(format!("latency{together}_together_p50_ms"), m.p50_ms);
+    put(
+        format!("scaling{together}_together_vs_1"),
+        m.events_per_s / slow_one,
+    );
     for m in &modes {
         let suffix = if m.sync_always { "always" } else { "default" };
         put(format!("raw_events_per_s_{suffix}"), m.raw.events_per_s);
@@ -1347,6 +1423,18 @@ fn print_summary(
             slow.p50_ms
         );
     }
+    let (together, m) = &handlers.lockstep;
+    println!(
+        "  {together} turns started together, {} ms model: {:.1} events/s (p50 {:.1} ms), ×{:.2} the 1-turn rate (no target: they run in lock-step, see ARCHITECTURE.md)",
+        MODEL_LATENCY.as_millis(),
+        m.events_per_s,
+        m.p50_ms,
+        m.events_per_s
+            / handlers
+                .with_model_latency
+                .first()
+                .map_or(1e-9, |(_, m)| m.events_per_s.max(1e-9)),
+    );
     for m in modes {
         println!(
             "  [{}] raw {:.0}/s, relay {:.0}/s, full path {:.0}/s (p50 {:.1} ms); one at a time: raw hop p50 {:.3} ms, dispatch p50 {:.3} ms (p99 {:.3}), outcome p50 {:.3} ms",

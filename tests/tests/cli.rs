@@ -307,6 +307,8 @@ const BENCH_FIGURES: &[&str] = &[
     "scaling2_vs_1",
     "scaling4_vs_1",
     "scaling8_vs_1",
+    "latency8_together_p50_ms",
+    "scaling8_together_vs_1",
     "raw_events_per_s_always",
     "relay_events_per_s_always",
     "full_events_per_s_always",
