@@ -1,7 +1,8 @@
 //! One partition of workflow instances (`partition_for(instance_id)`), owned by exactly one
 //! coordinator at a time (KV lease `wf.partition.<p>`).
 //!
-//! The engine consumes `EVENTS` with its own durable consumer `coordinator-<p>` (filtered on
+//! The engine consumes `EVENTS` with its own durable consumer `coordinator-<p>-<id>` (a fresh id
+//! per owner and restart, see [`recreate_from_ack_floor`]; filtered on
 //! `events.workflow.>` plus every trigger and wait pattern) strictly one message at a time:
 //! 1. route the event to the instances of this partition it concerns (a trigger, a step outcome,
 //!    an awaited event, a timer, a child's end, an operator request);
@@ -43,6 +44,7 @@ pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
 /// consumer from the ack floor).
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// The owner line of a partition's consumers (see [`recreate_from_ack_floor`]).
 pub fn consumer_name(partition: u16) -> String {
     format!("coordinator-{partition}")
 }
@@ -154,21 +156,42 @@ fn overlaps(a: &str, b: &str) -> bool {
     false
 }
 
-/// (Re)creates a durable consumer of `EVENTS` that resumes at the old one's ack floor: it
-/// delivers every event not yet acked in log order, at once. Reusing the old consumer instead
-/// would hand back its unacked events only after the ack wait, behind newer ones — and an
-/// instance (or view entry) that applied a newer event skips older ones as covered.
-pub(crate) async fn recreate_from_ack_floor(
+/// (Re)creates the durable consumer of `EVENTS` of one owner line — a workflow partition's
+/// (`coordinator-<p>`) or the projector's (`coordinator-view`) — resuming at the ack floor of
+/// the line's newest consumer: it delivers every event not yet acked, in log order, at once.
+/// Reusing the old consumer instead would hand back its unacked events only after the ack
+/// wait, behind newer ones — and an instance (or view entry) that applied a newer event skips
+/// older ones as covered.
+///
+/// Every creation gets a name of its own, `<line>-<32 hex>`, and every older consumer of the
+/// line is deleted first. A stalled predecessor (SIGSTOP, a long GC pause of its host) may
+/// still send a pull request it had queued before it noticed its lease lapsed; under one
+/// shared name that request reached the successor's consumer and took events the predecessor
+/// never applied, which came back only after the ack wait. Now it addresses a consumer that is
+/// gone, and fails.
+pub async fn recreate_from_ack_floor(
     js: &jetstream::Context,
+    line: &str,
     mut config: pull::Config,
 ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
     let stream = js.get_stream(EVENTS_STREAM).await?;
-    let name = config.durable_name.clone().context("durable consumer")?;
-    let start = match stream.consumer_info(&name).await {
-        Ok(info) => Some(info.ack_floor.stream_sequence + 1),
-        Err(_) => None,
-    };
-    let _ = stream.delete_consumer(&name).await;
+    let old = consumers_of_line(&stream, line).await?;
+    // Newest by the broker's creation time (one clock): the line's current consumer.
+    let start = old
+        .iter()
+        .max_by_key(|info| info.created)
+        .map(|info| info.ack_floor.stream_sequence + 1);
+    for info in &old {
+        if let Err(e) = stream.delete_consumer(&info.name).await
+            && stream.consumer_info(&info.name).await.is_ok()
+        {
+            anyhow::bail!("cannot delete consumer {}: {e}", info.name);
+        }
+    }
+    config.durable_name = Some(format!(
+        "{line}-{}",
+        grizzly_shared::ids::new_event_id().replace('-', "")
+    ));
     config.deliver_policy = match start {
         Some(start_sequence) if start_sequence > 1 => {
             DeliverPolicy::ByStartSequence { start_sequence }
@@ -176,6 +199,43 @@ pub(crate) async fn recreate_from_ack_floor(
         _ => DeliverPolicy::All,
     };
     Ok(stream.create_consumer(config).await?)
+}
+
+/// The consumers of `EVENTS` that belong to an owner line (see [`recreate_from_ack_floor`]),
+/// including one named `line` itself, as releases before per-creation names had it.
+pub async fn consumers_of_line(
+    stream: &jetstream::stream::Stream,
+    line: &str,
+) -> anyhow::Result<Vec<jetstream::consumer::Info>> {
+    let mut all = stream.consumers();
+    let mut mine = Vec::new();
+    while let Some(info) = all.next().await {
+        let info = info?;
+        if of_line(&info.name, line) {
+            mine.push(info);
+        }
+    }
+    Ok(mine)
+}
+
+/// The line's current consumer (the newest), if there is one.
+pub async fn current_consumer(
+    js: &jetstream::Context,
+    line: &str,
+) -> anyhow::Result<Option<jetstream::consumer::Info>> {
+    let stream = js.get_stream(EVENTS_STREAM).await?;
+    Ok(consumers_of_line(&stream, line)
+        .await?
+        .into_iter()
+        .max_by_key(|info| info.created))
+}
+
+fn of_line(name: &str, line: &str) -> bool {
+    name == line
+        || name
+            .strip_prefix(line)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl PartitionEngine {
@@ -240,8 +300,8 @@ impl PartitionEngine {
         );
         recreate_from_ack_floor(
             &self.shared.nats.js,
+            &consumer_name(self.partition),
             pull::Config {
-                durable_name: Some(consumer_name(self.partition)),
                 description: Some(format!(
                     "workflow instances of partition {}",
                     self.partition
@@ -756,6 +816,21 @@ impl PartitionEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumers_belong_to_their_line_only() {
+        let id = "0193b5e2c4f27c1a9e4b8d2f6a1c3e5b";
+        assert!(of_line("coordinator-3", "coordinator-3"));
+        assert!(of_line(&format!("coordinator-3-{id}"), "coordinator-3"));
+        assert!(!of_line(&format!("coordinator-31-{id}"), "coordinator-3"));
+        assert!(!of_line(&format!("coordinator-3-{id}"), "coordinator-31"));
+        assert!(!of_line("coordinator-3-x", "coordinator-3"));
+        assert!(!of_line("coordinator-view", "coordinator-3"));
+        assert!(of_line(
+            &format!("coordinator-view-{id}"),
+            "coordinator-view"
+        ));
+    }
 
     #[test]
     fn filter_subjects_drop_covered_patterns_and_fall_back_on_overlap() {

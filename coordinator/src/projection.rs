@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::engine::recreate_from_ack_floor;
+use crate::engine::{consumers_of_line, recreate_from_ack_floor};
 use crate::instance::{AGGREGATE, SOURCE};
 use crate::machine::{Status, Transition};
 
@@ -243,16 +243,15 @@ async fn consumer(
     rebuild: bool,
 ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
     if rebuild {
-        let _ = js
-            .get_stream(EVENTS_STREAM)
-            .await?
-            .delete_consumer(PROJECTOR_CONSUMER)
-            .await;
+        let stream = js.get_stream(EVENTS_STREAM).await?;
+        for info in consumers_of_line(&stream, PROJECTOR_CONSUMER).await? {
+            stream.delete_consumer(&info.name).await?;
+        }
     }
     recreate_from_ack_floor(
         js,
+        PROJECTOR_CONSUMER,
         pull::Config {
-            durable_name: Some(PROJECTOR_CONSUMER.into()),
             description: Some("workflow instances read model".into()),
             filter_subject: format!("events.{AGGREGATE}.>"),
             ack_policy: AckPolicy::Explicit,

@@ -184,12 +184,13 @@ impl TestEnv {
     /// log: its consumer has nothing pending. The projector recreates that consumer now and
     /// then; a missing one is not caught up.
     pub async fn workflow_view_caught_up(&self, deadline: Duration) -> anyhow::Result<()> {
-        let events = self.nats.js.get_stream(EVENTS_STREAM).await?;
         let until = tokio::time::Instant::now() + deadline;
-        while !events
-            .consumer_info(grizzly_coordinator::projection::PROJECTOR_CONSUMER)
-            .await
-            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+        while !grizzly_coordinator::engine::current_consumer(
+            &self.nats.js,
+            grizzly_coordinator::projection::PROJECTOR_CONSUMER,
+        )
+        .await
+        .is_ok_and(|i| i.is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0))
         {
             anyhow::ensure!(
                 tokio::time::Instant::now() < until,

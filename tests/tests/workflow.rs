@@ -769,3 +769,108 @@ async fn a_batch_survives_repeated_coordinator_kills() -> anyhow::Result<()> {
     assert_unique_steps(&w.seen);
     Ok(())
 }
+
+/// A coordinator partition's (and the projector's) consumer gets a fresh name with every
+/// recreation and the older ones are deleted: a pull request that a stalled predecessor sends
+/// late addresses a consumer that is gone, and takes nothing from its successor, which resumes
+/// at its predecessor's ack floor with every later event in order, at once.
+#[tokio::test]
+async fn a_late_pull_of_a_replaced_partition_consumer_takes_nothing_from_its_successor()
+-> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt as _;
+    use grizzly_coordinator::engine::{consumers_of_line, recreate_from_ack_floor};
+
+    let env = TestEnv::start().await?;
+    let js = &env.nats.js;
+    for i in 1..=4 {
+        emit(
+            &env,
+            &format!("events.workflow.line{i}.noted"),
+            json!({"i": i}),
+        )
+        .await?;
+    }
+    let config = || pull::Config {
+        filter_subject: "events.workflow.>".into(),
+        ack_policy: AckPolicy::Explicit,
+        ..Default::default()
+    };
+    let events = js.get_stream("EVENTS").await?;
+    let seq = |m: &async_nats::jetstream::Message| m.info().map(|i| i.stream_sequence).unwrap();
+    let fetch = |c: async_nats::jetstream::consumer::PullConsumer, n: usize| async move {
+        let batch = c
+            .fetch()
+            .max_messages(n)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await?;
+        anyhow::Ok(batch.collect::<Vec<_>>().await)
+    };
+
+    // A consumer of the old release's fixed name is taken over like any predecessor.
+    events
+        .create_consumer(pull::Config {
+            durable_name: Some("coordinator-test".into()),
+            ..config()
+        })
+        .await?;
+    let first = recreate_from_ack_floor(js, "coordinator-test", config()).await?;
+    let first_name = first.cached_info().name.clone();
+    assert!(first_name.starts_with("coordinator-test-"), "{first_name}");
+    let got = fetch(first.clone(), 1).await?;
+    let msg = got[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(seq(msg), 1);
+    msg.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Delivered, never acked: the successor must deliver it again, in order.
+    let unacked = fetch(first.clone(), 1).await?;
+    assert_eq!(seq(unacked[0].as_ref().unwrap()), 2);
+
+    // A consumer of another line is left alone.
+    let other = recreate_from_ack_floor(js, "coordinator-test2", config()).await?;
+
+    let second = recreate_from_ack_floor(js, "coordinator-test", config()).await?;
+    let second_name = second.cached_info().name.clone();
+    assert_ne!(first_name, second_name);
+    let line: Vec<String> = consumers_of_line(&events, "coordinator-test")
+        .await?
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(
+        line,
+        vec![second_name.clone()],
+        "older consumers are deleted"
+    );
+    assert!(
+        events
+            .consumer_info(&other.cached_info().name)
+            .await
+            .is_ok()
+    );
+
+    // The predecessor's late pull: refused, nothing taken.
+    let taken: Vec<u64> = fetch(first, 4)
+        .await
+        .map(|msgs| {
+            msgs.iter()
+                .filter_map(|m| m.as_ref().ok().map(seq))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        taken.is_empty(),
+        "a late pull of the replaced consumer took events {taken:?}"
+    );
+    // The successor has everything from the ack floor on, first delivery, in order.
+    let got = fetch(second, 10).await?;
+    let got: Vec<(u64, i64)> = got
+        .iter()
+        .map(|m| {
+            let m = m.as_ref().unwrap();
+            (seq(m), m.info().unwrap().delivered)
+        })
+        .collect();
+    assert_eq!(got, vec![(2, 1), (3, 1), (4, 1)]);
+    Ok(())
+}
