@@ -255,29 +255,15 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         deadline: Duration,
     ) -> anyhow::Result<Measured> {
-        self.run_batch_spread(handler, n, in_flight, subject_for, Duration::ZERO, deadline)
-            .await
-    }
-
-    /// [`Bench::run_batch`] with the first `in_flight` events published `spread / in_flight`
-    /// apart instead of all at once (see [`handlers`] for why).
-    async fn run_batch_spread(
-        &self,
-        handler: &str,
-        n: usize,
-        in_flight: usize,
-        subject_for: impl Fn(usize) -> String,
-        spread: Duration,
-        deadline: Duration,
-    ) -> anyhow::Result<Measured> {
         Ok(self
-            .run_batch_with_dispatch(handler, n, in_flight, subject_for, spread, deadline)
+            .run_batch_with_dispatch(handler, n, in_flight, subject_for, Duration::ZERO, deadline)
             .await?
             .0)
     }
 
     /// [`Bench::run_batch`], plus each event's dispatch latency: event stored → the handler
-    /// process has it, for handlers that answer with the event's `time` (for an event published
+    /// process has it, with the first `in_flight` events published `spread / in_flight` apart
+    /// instead of all at once when `spread` is not zero (see [`handlers`] for why), for handlers that answer with the event's `time` (for an event published
     /// without a CloudEvents time, the broker's timestamp) and their receipt time `t` (Unix
     /// seconds) in `output`.
     ///
@@ -614,8 +600,8 @@ async fn handlers(
         eprintln!(
             "warm pool of {size}, model replies after {MODEL_LATENCY:?}: {n} events, {size} in flight ..."
         );
-        let m = bench
-            .run_batch_spread(
+        let (m, _) = bench
+            .run_batch_with_dispatch(
                 &format!("warm{size}"),
                 n,
                 size,
