@@ -1411,7 +1411,7 @@ fn print_summary(
     }
     let (together, m) = &handlers.lockstep;
     println!(
-        "  {together} turns started together, {} ms model: {:.1} events/s (p50 {:.1} ms), ×{:.2} the 1-turn rate (no target: they run in lock-step, see ARCHITECTURE.md)",
+        "  {together} turns started together, {} ms model: {:.1} events/s (p50 {:.1} ms), ×{:.2} the 1-turn rate (no target, see ARCHITECTURE.md)",
         MODEL_LATENCY.as_millis(),
         m.events_per_s,
         m.p50_ms,
