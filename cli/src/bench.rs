@@ -29,6 +29,8 @@ use grizzly_shared::nats_server::{NatsServer, NatsServerOptions};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::cpu::{self, CpuPerEvent};
+
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
     /// Every bench in one run; one table with each figure beside its target (PASS/MISS).
@@ -258,7 +260,7 @@ impl Bench {
         Ok(self
             .run_batch_with_dispatch(handler, n, in_flight, subject_for, Duration::ZERO, deadline)
             .await?
-            .0)
+            .measured)
     }
 
     /// [`Bench::run_batch`], plus each event's dispatch latency: event stored → the handler
@@ -282,7 +284,7 @@ impl Bench {
         subject_for: impl Fn(usize) -> String,
         spread: Duration,
         deadline: Duration,
-    ) -> anyhow::Result<(Measured, Vec<f64>)> {
+    ) -> anyhow::Result<Batch> {
         const OUTCOMES: [&str; 2] = ["events.*.*.handler_succeeded", "events.*.*.handler_failed"];
         let burst = in_flight >= n;
         let start_seq = self.next_seq().await?;
@@ -302,6 +304,8 @@ impl Bench {
             (subject_for(i), msg)
         };
         let first_wave = in_flight.min(n);
+        let broker_pid = self._server.pid();
+        let cpu_before = broker_pid.and_then(cpu::sample);
         let started = time::OffsetDateTime::now_utc();
         if spread.is_zero() {
             let wave: Vec<_> = (0..first_wave)
@@ -318,8 +322,11 @@ impl Bench {
             }
         }
         let mut sent = first_wave;
+        let mut cpu_after = None;
         if burst {
             self.wait_count(start_seq, &OUTCOMES, n, deadline).await?;
+            // Before reading the outcomes back, which costs the broker more than the burst.
+            cpu_after = broker_pid.and_then(cpu::sample);
         }
         let messages = match &mut messages {
             Some(m) => m,
@@ -370,11 +377,22 @@ impl Bench {
                 sent += 1;
             }
         }
-        Ok((
-            Measured::new(latencies, (last - started).as_seconds_f64()),
+        let cpu_after = cpu_after.or_else(|| broker_pid.and_then(cpu::sample));
+        Ok(Batch {
+            measured: Measured::new(latencies, (last - started).as_seconds_f64()),
             dispatch,
-        ))
+            cpu: cpu_before.zip(cpu_after).map(|(a, b)| a.per_event(&b, n)),
+        })
     }
+}
+
+/// What [`Bench::run_batch_with_dispatch`] measured.
+struct Batch {
+    measured: Measured,
+    /// Per event: stored → the handler process had it, ms.
+    dispatch: Vec<f64>,
+    /// CPU per event from the first publish until every outcome was stored.
+    cpu: Option<CpuPerEvent>,
 }
 
 /// What the bench reads of an outcome event: only `data`'s members it needs are kept (parsing
@@ -600,7 +618,7 @@ async fn handlers(
         eprintln!(
             "warm pool of {size}, model replies after {MODEL_LATENCY:?}: {n} events, {size} in flight ..."
         );
-        let (m, _) = bench
+        let m = bench
             .run_batch_with_dispatch(
                 &format!("warm{size}"),
                 n,
@@ -609,7 +627,8 @@ async fn handlers(
                 MODEL_LATENCY,
                 Duration::from_secs(300),
             )
-            .await?;
+            .await?
+            .measured;
         slow_by_size.push((size, m));
     }
     let largest = *sizes.last().expect("sizes");
@@ -693,8 +712,13 @@ fn ms_since(stored: time::OffsetDateTime) -> f64 {
 }
 
 /// Raw JetStream on the same server: publish n (pipelined) while a pull consumer acks them;
-/// and a relay (consume → publish to a second stream → ack).
-async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Measured, Measured)> {
+/// and a relay (consume → publish to a second stream → ack). Each with the CPU it cost per
+/// message, when `broker_pid` can be read.
+async fn raw_baseline(
+    js: &jetstream::Context,
+    n: usize,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<[(Measured, Option<CpuPerEvent>); 2]> {
     for name in ["BENCH_IN", "BENCH_OUT"] {
         fresh_stream(js, name).await?;
     }
@@ -747,6 +771,7 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
     let payload = bytes::Bytes::from(vec![b'x'; 256]);
     let mut figures = Vec::new();
     for relay in [false, true] {
+        let cpu = broker_pid.and_then(cpu::sample);
         let started = Instant::now();
         let consumer = tokio::spawn(consume("BENCH_IN", relay));
         publish_all(
@@ -760,7 +785,12 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
         )
         .await?;
         let latencies = consumer.await??;
-        figures.push(Measured::new(latencies, started.elapsed().as_secs_f64()));
+        let span = started.elapsed().as_secs_f64();
+        let cost = cpu.zip(broker_pid.and_then(cpu::sample));
+        figures.push((
+            Measured::new(latencies, span),
+            cost.map(|(a, b)| a.per_event(&b, n)),
+        ));
         js.get_stream("BENCH_IN").await?.purge().await?;
         let _ = js
             .get_stream("BENCH_IN")
@@ -768,7 +798,9 @@ async fn raw_baseline(js: &jetstream::Context, n: usize) -> anyhow::Result<(Meas
             .delete_consumer(&format!("bench-{relay}"))
             .await;
     }
-    Ok((figures[0].clone(), figures[1].clone()))
+    let relay = figures.pop().context("relay run")?;
+    let raw = figures.pop().context("raw run")?;
+    Ok([raw, relay])
 }
 
 /// Raw JetStream, one message at a time: publish, a pull consumer receives it (latency from the
@@ -812,6 +844,10 @@ struct ModeFigures {
     dispatch: Measured,
     /// One event at a time: stored → its outcome stored.
     at_rest: Measured,
+    /// CPU per event of `raw`, `relay` and `full` (Linux only).
+    cpu_raw: Option<CpuPerEvent>,
+    cpu_relay: Option<CpuPerEvent>,
+    cpu_full: Option<CpuPerEvent>,
 }
 
 impl ModeFigures {
@@ -840,7 +876,8 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
             json!({"mode": m.mode(), "raw": m.raw, "relay": m.relay, "full": m.full,
                 "hop": m.hop, "dispatch": m.dispatch, "at_rest": m.at_rest,
                 "full_over_raw": m.full_over_raw(), "full_over_relay": m.full_over_relay(),
-                "dispatch_over_hop": m.dispatch_over_hop()})
+                "dispatch_over_hop": m.dispatch_over_hop(),
+                "cpu_per_event": {"raw": m.cpu_raw, "relay": m.cpu_relay, "full": m.cpu_full}})
         })
         .collect();
     json!({"bench": "throughput", "events": events, "modes": modes})
@@ -882,7 +919,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             },
         )
         .await?;
-        let (raw, relay) = raw_baseline(&bench.nats.js, events).await?;
+        let broker_pid = bench._server.pid();
+        let [(raw, cpu_raw), (relay, cpu_relay)] =
+            raw_baseline(&bench.nats.js, events, broker_pid).await?;
         let hop = raw_hop(&bench.nats.js, latency_events).await?;
         // Warm-up, the latencies one event at a time, then the measured burst.
         bench
@@ -894,7 +933,11 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 Duration::from_secs(120),
             )
             .await?;
-        let (at_rest, dispatch) = bench
+        let Batch {
+            measured: at_rest,
+            dispatch,
+            ..
+        } = bench
             .run_batch_with_dispatch(
                 "noop",
                 latency_events,
@@ -910,12 +953,17 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         );
         // Dispatches happened at the one-at-a-time run's rate.
         let dispatch = Measured::new(dispatch, latency_events as f64 / at_rest.events_per_s);
-        let full = bench
-            .run_batch(
+        let Batch {
+            measured: full,
+            cpu: cpu_full,
+            ..
+        } = bench
+            .run_batch_with_dispatch(
                 "noop",
                 events,
                 events,
                 |i| format!("events.bench.a{}.noop", i % 1000),
+                Duration::ZERO,
                 Duration::from_secs(600),
             )
             .await?;
@@ -928,6 +976,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             hop,
             dispatch,
             at_rest,
+            cpu_raw,
+            cpu_relay,
+            cpu_full,
         };
         let mode = m.mode();
         for (name, f) in [
@@ -950,6 +1001,18 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 "{:<36} {:>10} {:>10.3} {:>10.3}   [{mode}]",
                 name, "", f.p50_ms, f.p99_ms
             );
+        }
+        for (name, cost) in [
+            ("raw", m.cpu_raw),
+            ("relay", m.cpu_relay),
+            ("full path", m.cpu_full),
+        ] {
+            if let Some(c) = cost {
+                println!(
+                    "  CPU per event, {name}: bench/grizzly process {:.1} µs, broker {:.1} µs, handler processes {:.1} µs",
+                    c.own_us, c.broker_us, c.handlers_us
+                );
+            }
         }
         println!(
             "  [{mode}] full/raw = {:.2}, full/relay = {:.2}, dispatch p50 / raw hop p50 = {:.1}",
@@ -1249,6 +1312,16 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         put(format!("dispatch_p99_ms_{suffix}"), m.dispatch.p99_ms);
         put(format!("at_rest_p50_ms_{suffix}"), m.at_rest.p50_ms);
         put(format!("dispatch_over_hop_{suffix}"), m.dispatch_over_hop());
+        // What one event costs each process (Linux only): where the full path's time goes.
+        for (path, cost) in [("raw", m.cpu_raw), ("full", m.cpu_full)] {
+            if let Some(c) = cost {
+                put(format!("cpu_{path}_own_us_{suffix}"), c.own_us);
+                put(format!("cpu_{path}_broker_us_{suffix}"), c.broker_us);
+            }
+        }
+        if let Some(c) = m.cpu_full {
+            put(format!("cpu_full_handlers_us_{suffix}"), c.handlers_us);
+        }
     }
     put("success_pct".into(), success.success_pct);
     put(
@@ -1434,6 +1507,17 @@ fn print_summary(
             m.dispatch.p99_ms,
             m.at_rest.p50_ms
         );
+        if let (Some(raw), Some(full)) = (m.cpu_raw, m.cpu_full) {
+            println!(
+                "  [{}] CPU per event: raw {:.1} µs client + {:.1} µs broker; full path {:.1} µs grizzly (listener, worker, bench client) + {:.1} µs broker + {:.1} µs handler processes",
+                m.mode(),
+                raw.own_us,
+                raw.broker_us,
+                full.own_us,
+                full.broker_us,
+                full.handlers_us
+            );
+        }
     }
     println!(
         "  first-attempt success {:.2}% ({} injected failures), after retries {:.2}%",

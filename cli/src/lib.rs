@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod causation;
+pub mod cpu;
 pub mod dev;
 pub mod dlq;
 pub mod emit;
