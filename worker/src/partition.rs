@@ -17,7 +17,7 @@
 //!
 //! Everything held is progress-acked so the broker does not redeliver it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,8 +58,7 @@ pub struct PartitionRunner {
 pub(crate) struct Held {
     pub(crate) msg: jetstream::Message,
     pub(crate) task: Task,
-    /// Where `msg` is stored in `TASKS` (parsed once: reading it from the reply subject for
-    /// every running task on every delivery cost the worker a twentieth of its CPU).
+    /// Where `msg` is stored in `TASKS`.
     seq: u64,
     arrived: Instant,
 }
@@ -70,10 +69,14 @@ type Finished = BoxFuture<'static, Vec<String>>;
 /// What the runner holds: per-lane queues, and which lanes can start now.
 #[derive(Default)]
 pub(crate) struct Schedule {
-    lanes: HashMap<String, VecDeque<Held>>,
+    /// Boxed: a `Held` is large, and a lane's queue grows under a backlog (moving the entries
+    /// themselves on every growth showed in profiles of a burst).
+    lanes: HashMap<String, VecDeque<Box<Held>>>,
     /// Running lanes, with how many tasks at the front of each the running work took (one, or
     /// several for a batch).
     running: HashMap<String, usize>,
+    /// The `TASKS` sequences of the running tasks, checked on every delivery.
+    running_seqs: HashSet<u64>,
     /// Lanes whose head is ready, by priority rank (0 = critical), oldest first.
     ready: [VecDeque<(String, Instant)>; 4],
     /// Lanes whose head must wait until a time.
@@ -94,13 +97,8 @@ pub(crate) fn aged_rank(rank: usize, since: Instant, now: Instant) -> usize {
 impl Schedule {
     fn push(&mut self, held: Held) {
         let lane = held.task.ordering_key();
-        // Most lanes (aggregates) hold one task at a time: room for one, not the default four
-        // (a `Held` is large; allocating and moving four of them showed in profiles).
-        let queue = self
-            .lanes
-            .entry(lane.clone())
-            .or_insert_with(|| VecDeque::with_capacity(1));
-        queue.push_back(held);
+        let queue = self.lanes.entry(lane.clone()).or_default();
+        queue.push_back(Box::new(held));
         if queue.len() == 1 && !self.running.contains_key(&lane) {
             self.mark_ready(lane);
         }
@@ -146,6 +144,9 @@ impl Schedule {
     pub(crate) fn pick(&mut self) -> Option<String> {
         let (_, r, _) = self.best()?;
         let (lane, _) = self.ready[r].pop_front()?;
+        if let Some(head) = self.head(&lane) {
+            self.running_seqs.insert(head.seq);
+        }
         self.running.insert(lane.clone(), 1);
         Some(lane)
     }
@@ -167,7 +168,7 @@ impl Schedule {
     }
 
     pub(crate) fn head(&self, lane: &str) -> Option<&Held> {
-        self.lanes.get(lane).and_then(|q| q.front())
+        self.lanes.get(lane).and_then(|q| q.front()).map(|h| &**h)
     }
 
     /// A running lane's next task not yet taken, if it is due (a batch may take it too).
@@ -183,6 +184,9 @@ impl Schedule {
     /// The running work takes the lane's next task as well.
     pub(crate) fn take_next(&mut self, lane: &str) {
         if let Some(taken) = self.running.get_mut(lane) {
+            if let Some(next) = self.lanes.get(lane).and_then(|q| q.get(*taken)) {
+                self.running_seqs.insert(next.seq);
+            }
             *taken += 1;
         }
     }
@@ -190,14 +194,19 @@ impl Schedule {
     /// The lane stops counting as running without finishing anything (an abandoned batch; the
     /// consumer is recreated right after, see [`Self::keep_running`]).
     pub(crate) fn release(&mut self, lane: &str) {
-        self.running.remove(lane);
+        let taken = self.running.remove(lane).unwrap_or(0);
+        for held in self.lanes.get(lane).into_iter().flatten().take(taken) {
+            self.running_seqs.remove(&held.seq);
+        }
     }
 
     /// The lane's running work finished: drop its tasks and make the next one ready.
     fn finished(&mut self, lane: String) {
         let taken = self.running.remove(&lane).unwrap_or(1);
         if let Some(q) = self.lanes.get_mut(&lane) {
-            q.drain(..taken.min(q.len()));
+            for held in q.drain(..taken.min(q.len())) {
+                self.running_seqs.remove(&held.seq);
+            }
         }
         self.mark_ready(lane);
     }
@@ -209,7 +218,7 @@ impl Schedule {
     }
 
     fn held(&self) -> impl Iterator<Item = &Held> {
-        self.lanes.values().flatten()
+        self.lanes.values().flatten().map(|h| &**h)
     }
 
     /// After the consumer was recreated: forget every task that is not running (the fresh
@@ -231,11 +240,7 @@ impl Schedule {
 
     /// Whether the task stored at `seq` in `TASKS` is running now.
     fn is_running(&self, seq: u64) -> bool {
-        self.running
-            .iter()
-            .filter_map(|(lane, taken)| self.lanes.get(lane).map(|q| q.iter().take(*taken)))
-            .flatten()
-            .any(|held| held.seq == seq)
+        self.running_seqs.contains(&seq)
     }
 }
 
