@@ -29,7 +29,7 @@ use grizzly_shared::nats_server::{NatsServer, NatsServerOptions};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::cpu::{self, CpuPerEvent};
+use crate::usage::{self, CpuPerEvent, ProcessMemory};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -305,7 +305,7 @@ impl Bench {
         };
         let first_wave = in_flight.min(n);
         let broker_pid = self._server.pid();
-        let cpu_before = broker_pid.and_then(cpu::sample);
+        let cpu_before = broker_pid.and_then(usage::sample);
         let started = time::OffsetDateTime::now_utc();
         if spread.is_zero() {
             let wave: Vec<_> = (0..first_wave)
@@ -326,7 +326,7 @@ impl Bench {
         if burst {
             self.wait_count(start_seq, &OUTCOMES, n, deadline).await?;
             // Before reading the outcomes back, which costs the broker more than the burst.
-            cpu_after = broker_pid.and_then(cpu::sample);
+            cpu_after = broker_pid.and_then(usage::sample);
         }
         let messages = match &mut messages {
             Some(m) => m,
@@ -377,7 +377,7 @@ impl Bench {
                 sent += 1;
             }
         }
-        let cpu_after = cpu_after.or_else(|| broker_pid.and_then(cpu::sample));
+        let cpu_after = cpu_after.or_else(|| broker_pid.and_then(usage::sample));
         Ok(Batch {
             measured: Measured::new(latencies, (last - started).as_seconds_f64()),
             dispatch,
@@ -479,6 +479,9 @@ struct HandlerFigures {
     with_model_latency: Vec<(usize, Measured)>,
     /// The largest pool again with the model latency, its first turns all started at once.
     lockstep: (usize, Measured),
+    /// What the warm instances of every pool hold together, once each has served its first turns
+    /// (Linux only).
+    memory: Option<ProcessMemory>,
 }
 
 /// The fake Messages API's reply delay for the scaling run.
@@ -490,7 +493,20 @@ const MODEL_TURNS: usize = 12;
 /// Turns in flight for the cold baseline (and the warm pool it is compared with).
 const COLD_IN_FLIGHT: usize = 4;
 
+/// The warm pools measured, each as many turns in flight as instances.
+const POOL_SIZES: [usize; 4] = [1, 2, 4, 8];
+
 impl HandlerFigures {
+    /// Warm instances alive during the bench: one per pool slot.
+    fn instances() -> usize {
+        POOL_SIZES.iter().sum()
+    }
+
+    /// PSS per warm instance, its MCP server and anything else it started included.
+    fn pss_per_instance_mib(&self) -> Option<f64> {
+        self.memory.map(|m| m.pss_mib / Self::instances() as f64)
+    }
+
     fn warm(&self, size: usize) -> &Measured {
         &self
             .warm
@@ -515,6 +531,7 @@ impl HandlerFigures {
             "model_latency_ms": MODEL_LATENCY.as_millis() as u64,
             "with_model_latency": self.with_model_latency.iter().map(|(s, m)| json!({"pool": s, "figures": m})).collect::<Vec<_>>(),
             "with_model_latency_started_together": json!({"pool": self.lockstep.0, "figures": self.lockstep.1}),
+            "memory": self.memory.map(|m| json!({"instances": Self::instances(), "total": m, "pss_per_instance_mib": self.pss_per_instance_mib()})),
         })
     }
 }
@@ -545,7 +562,7 @@ async fn handlers(
             cold_home.display().to_string()
         ),
     )?;
-    let sizes = [1usize, 2, 4, 8];
+    let sizes = POOL_SIZES;
     for size in sizes {
         write(
             &handlers_dir.join(format!("warm{size}.yaml")),
@@ -579,6 +596,8 @@ async fn handlers(
             )
             .await?;
     }
+    // Every warm instance is up and has served turns; no cold process is running yet.
+    let memory = bench._server.pid().and_then(usage::descendants_memory);
     eprintln!("cold: {cold_events} events, `claude -p` per event, {COLD_IN_FLIGHT} in flight ...");
     let cold = bench
         .run_batch(
@@ -651,6 +670,7 @@ async fn handlers(
         warm: warm_by_size,
         with_model_latency: slow_by_size,
         lockstep: (largest, lockstep),
+        memory,
     };
     println!(
         "\nhandler invocation, event published → outcome event (fake Messages API, fsync always)"
@@ -682,6 +702,16 @@ async fn handlers(
         figures.cold.p50_ms / warm.p50_ms.max(1e-9),
         warm.p50_ms
     );
+    if let (Some(m), Some(pss)) = (figures.memory, figures.pss_per_instance_mib()) {
+        println!(
+            "memory of the {} warm instances (with their MCP servers; {} processes): PSS {:.0} MiB, {:.0} MiB per instance (RSS {:.0} MiB, counting shared pages in each)",
+            HandlerFigures::instances(),
+            m.processes,
+            m.pss_mib,
+            pss,
+            m.rss_mib
+        );
+    }
     Ok(figures)
 }
 
@@ -771,7 +801,7 @@ async fn raw_baseline(
     let payload = bytes::Bytes::from(vec![b'x'; 256]);
     let mut figures = Vec::new();
     for relay in [false, true] {
-        let cpu = broker_pid.and_then(cpu::sample);
+        let cpu = broker_pid.and_then(usage::sample);
         let started = Instant::now();
         let consumer = tokio::spawn(consume("BENCH_IN", relay));
         publish_all(
@@ -786,7 +816,7 @@ async fn raw_baseline(
         .await?;
         let latencies = consumer.await??;
         let span = started.elapsed().as_secs_f64();
-        let cost = cpu.zip(broker_pid.and_then(cpu::sample));
+        let cost = cpu.zip(broker_pid.and_then(usage::sample));
         figures.push((
             Measured::new(latencies, span),
             cost.map(|(a, b)| a.per_event(&b, n)),
@@ -1273,6 +1303,9 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         "warm_vs_cold_throughput".into(),
         handlers.warm_vs_cold_throughput(),
     );
+    if let Some(pss) = handlers.pss_per_instance_mib() {
+        put("warm_instance_pss_mib".into(), pss);
+    }
     let one = handlers.warm(1).events_per_s.max(1e-9);
     for (size, m) in handlers.warm.iter().filter(|(s, _)| *s > 1) {
         put(

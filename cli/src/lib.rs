@@ -3,13 +3,13 @@
 
 pub mod bench;
 pub mod causation;
-pub mod cpu;
 pub mod dev;
 pub mod dlq;
 pub mod emit;
 pub mod events;
 pub mod fold;
 pub mod handlers;
+pub mod usage;
 pub mod workflow;
 
 use std::process::ExitCode;

@@ -298,6 +298,7 @@ const BENCH_FIGURES: &[&str] = &[
     "warm8_p50_ms",
     "warm8_events_per_s",
     "warm_vs_cold_throughput",
+    "warm_instance_pss_mib",
     "cpu_bound_scaling2_vs_1",
     "cpu_bound_scaling4_vs_1",
     "cpu_bound_scaling8_vs_1",
