@@ -111,7 +111,7 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
 
 /// A temporary broker plus a listener and worker over the handlers in `dir`.
 struct Bench {
-    _server: NatsServer,
+    server: NatsServer,
     nats: Nats,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -153,7 +153,7 @@ impl Bench {
             tokio::spawn(worker.run(stop.clone())),
         ];
         Ok(Self {
-            _server: server,
+            server,
             nats,
             stop,
             tasks,
@@ -304,7 +304,7 @@ impl Bench {
             (subject_for(i), msg)
         };
         let first_wave = in_flight.min(n);
-        let broker_pid = self._server.pid();
+        let broker_pid = self.server.pid();
         let cpu_before = broker_pid.and_then(usage::sample);
         let started = time::OffsetDateTime::now_utc();
         if spread.is_zero() {
@@ -597,7 +597,7 @@ async fn handlers(
             .await?;
     }
     // Every warm instance is up and has served turns; no cold process is running yet.
-    let memory = bench._server.pid().and_then(usage::descendants_memory);
+    let memory = bench.server.pid().and_then(usage::descendants_memory);
     eprintln!("cold: {cold_events} events, `claude -p` per event, {COLD_IN_FLIGHT} in flight ...");
     let cold = bench
         .run_batch(
@@ -949,7 +949,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             },
         )
         .await?;
-        let broker_pid = bench._server.pid();
+        let broker_pid = bench.server.pid();
         let [(raw, cpu_raw), (relay, cpu_relay)] =
             raw_baseline(&bench.nats.js, events, broker_pid).await?;
         let hop = raw_hop(&bench.nats.js, latency_events).await?;

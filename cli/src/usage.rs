@@ -14,7 +14,7 @@ pub struct CpuSample {
     /// This process: the bench client and, in the full path, the listener and worker.
     own: f64,
     broker: f64,
-    /// Children other than the broker: the handler processes.
+    /// Descendants other than the broker: the handler processes.
     handlers: f64,
 }
 
@@ -38,23 +38,16 @@ fn stat(pid: u32) -> Option<(u32, f64)> {
     ))
 }
 
-/// Now, for this process, the broker (`broker_pid`) and every other child process.
+/// Now, for this process, the broker (`broker_pid`) and every other process descended from
+/// this one.
 pub fn sample(broker_pid: u32) -> Option<CpuSample> {
-    let me = std::process::id();
-    let own = stat(me)?.1;
-    let broker = stat(broker_pid)?.1;
-    let handlers = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != broker_pid)
-        .filter_map(stat)
-        .filter(|(parent, _)| *parent == me)
-        .map(|(_, seconds)| seconds)
-        .sum();
     Some(CpuSample {
-        own,
-        broker,
-        handlers,
+        own: stat(std::process::id())?.1,
+        broker: stat(broker_pid)?.1,
+        handlers: descendants(broker_pid)?
+            .iter()
+            .map(|(_, seconds)| seconds)
+            .sum(),
     })
 }
 
@@ -96,21 +89,21 @@ fn memory_kib(pid: u32) -> Option<(f64, f64)> {
 }
 
 /// Every process descended from this one (children, their children, …) except `skip` (the
-/// broker) and its descendants.
-fn descendants(skip: u32) -> Option<Vec<u32>> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+/// broker) and its descendants, with the CPU seconds each has used.
+fn descendants(skip: u32) -> Option<Vec<(u32, f64)>> {
+    let processes: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, stat(pid)?.0)))
+        .filter_map(|pid| stat(pid).map(|(ppid, seconds)| (pid, ppid, seconds)))
         .collect();
-    let mut family = vec![std::process::id()];
+    let mut family = vec![(std::process::id(), 0.0)];
     let mut i = 0;
-    while let Some(&parent) = family.get(i) {
+    while let Some(&(parent, _)) = family.get(i) {
         family.extend(
-            parents
+            processes
                 .iter()
-                .filter(|(pid, ppid)| *ppid == parent && *pid != skip)
-                .map(|(pid, _)| *pid),
+                .filter(|(pid, ppid, _)| *ppid == parent && *pid != skip)
+                .map(|(pid, _, seconds)| (*pid, *seconds)),
         );
         i += 1;
     }
@@ -122,7 +115,10 @@ fn descendants(skip: u32) -> Option<Vec<u32>> {
 /// handler processes and whatever they started.
 pub fn descendants_memory(skip: u32) -> Option<ProcessMemory> {
     let (mut rss, mut pss, mut processes) = (0.0, 0.0, 0);
-    for (r, p) in descendants(skip)?.into_iter().filter_map(memory_kib) {
+    for (r, p) in descendants(skip)?
+        .into_iter()
+        .filter_map(|(pid, _)| memory_kib(pid))
+    {
         rss += r;
         pss += p;
         processes += 1;
@@ -166,6 +162,7 @@ mod tests {
             let found = descendants(0)
                 .expect("/proc")
                 .into_iter()
+                .map(|(pid, _)| pid)
                 .find(|pid| stat(*pid).is_some_and(|(parent, _)| parent == sh.id()));
             if found.is_some() || std::time::Instant::now() > deadline {
                 break found;
@@ -174,7 +171,11 @@ mod tests {
         };
         let memory = descendants_memory(0).expect("/proc");
         // As the broker is: left out with its descendants.
-        let without_sh = descendants(sh.id()).expect("/proc");
+        let without_sh: Vec<u32> = descendants(sh.id())
+            .expect("/proc")
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect();
         let _ = sh.kill();
         let _ = sh.wait();
         let grandchild = grandchild.expect("sleep not found among the descendants");
