@@ -7,6 +7,10 @@ use crate::envelope::{EventEnvelope, Priority};
 use crate::ids::stable_hash;
 use crate::subject::task_subject;
 
+/// Header of a `TASKS` message that holds several tasks (a JSON array) instead of one: a
+/// *bundle*, written by the listener under a backlog (see ARCHITECTURE.md, *Bundles*).
+pub const BUNDLE_HEADER: &str = "Grizzly-Bundle";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub handler: String,

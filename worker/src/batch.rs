@@ -20,7 +20,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use backon::BackoffBuilder;
 use grizzly_shared::Task;
 use grizzly_shared::dlq::AttemptError;
@@ -32,6 +31,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::{Instrument as _, info, warn};
 
+use crate::delivery::Delivery;
 use crate::executor::{
     ExecutionEnv, HandlerContext, Slots, count_success, emitted_envelopes, note_transition,
     outcome_subject, publish_events, source, write_dead_letter, write_failure,
@@ -42,7 +42,7 @@ use crate::runtime::{BatchInput, Invocation, InvokeError};
 /// A batch being formed or waiting for a slot.
 pub(crate) struct Batch {
     key: String,
-    members: Vec<(jetstream::Message, Task)>,
+    members: Vec<(Delivery, Task)>,
     /// Distinct lanes of the members, in the order they joined.
     lanes: Vec<String>,
     bytes: usize,
@@ -207,6 +207,11 @@ impl Collector {
         let best = batch.members.iter().map(|(_, t)| rank(t.priority)).min()?;
         let opened = batch.closes_at.checked_sub(self.max_wait);
         Some((best, opened.unwrap_or(batch.closes_at)))
+    }
+
+    /// No batch open or waiting.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.open.is_empty() && self.closed.is_empty()
     }
 
     pub(crate) fn has_closed(&self) -> bool {
@@ -423,7 +428,7 @@ pub(crate) async fn execute_batch(
     ack_all(&msgs).await;
 }
 
-async fn ack_all(msgs: &[jetstream::Message]) {
+async fn ack_all(msgs: &[Delivery]) {
     for msg in msgs {
         if let Err(e) = msg.ack().await {
             warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");

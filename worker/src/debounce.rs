@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
+use crate::delivery::Delivery;
 use crate::executor::{ExecutionEnv, HandlerContext, outcome_subject, publish_events, source};
 
 pub(crate) struct DebounceGate {
@@ -63,7 +64,7 @@ impl DebounceGate {
 pub(crate) async fn skip(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
-    msg: &jetstream::Message,
+    msg: &Delivery,
     task: &Task,
     superseded_by: String,
 ) {

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tracing::{Instrument as _, info, warn};
 
 use crate::breaker::{Breaker, Transition};
+use crate::delivery::Delivery;
 use crate::runtime::{HandlerResult, Invocation, InvokeError, Runtime};
 use crate::slots::{Permit, PriorityGate};
 
@@ -102,10 +103,10 @@ pub struct ExecutionEnv {
 
 /// Runs `task` (delivered as `msg`) to a durable outcome, then acks it. The partition runner
 /// keeps progress-acking `msg` until then.
-pub async fn execute(
+pub(crate) async fn execute(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
-    msg: jetstream::Message,
+    msg: Delivery,
     mut task: Task,
     _slots: Slots,
 ) {

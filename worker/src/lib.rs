@@ -11,6 +11,7 @@
 mod batch;
 pub mod breaker;
 mod debounce;
+mod delivery;
 pub mod executor;
 pub mod mcp;
 pub mod partition;

@@ -4,7 +4,9 @@
 //! work queue, so acked tasks are gone and a fresh consumer sees exactly the unfinished ones, in
 //! log order — including those the previous owner had in flight when it died.
 //!
-//! The runner reads ahead (up to the consumer's `max_ack_pending`) and schedules what it holds:
+//! A message holds one task, or a bundle of them (see [`crate::delivery`]). The runner reads
+//! ahead (up to the consumer's `max_ack_pending` messages, and past `max_ack_pending` tasks
+//! only one message a second) and schedules what it holds:
 //! - tasks of one ordering lane (by default the aggregate) run one at a time, in log order;
 //! - among lanes whose next task is ready, the highest priority starts first; a waiting task is
 //!   promoted one level every [`AGING`] so low priorities are never starved;
@@ -30,6 +32,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use grizzly_shared::nats::{LeaseFence, TASKS_STREAM};
 use grizzly_shared::subject::task_subject;
+use grizzly_shared::task::BUNDLE_HEADER;
 use grizzly_shared::{Priority, Task};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +40,13 @@ use tracing::{debug, info, warn};
 
 use crate::batch::{Collector, execute_batch};
 use crate::debounce::{DebounceGate, skip};
+use crate::delivery::{Bundle, Delivery};
 use crate::executor::{ExecutionEnv, HandlerContext, Slots, execute};
 use crate::slots::Urgency;
+
+/// How often a runner holding its fill of tasks takes one more message anyway: a pull not
+/// polled for two idle heartbeats (3 s each, see `run`) fails as missed.
+const TRICKLE: Duration = Duration::from_secs(1);
 
 /// A task waiting this long counts as one priority level higher.
 pub const AGING: Duration = Duration::from_secs(5);
@@ -56,10 +64,11 @@ pub struct PartitionRunner {
 }
 
 pub(crate) struct Held {
-    pub(crate) msg: jetstream::Message,
+    pub(crate) msg: Delivery,
     pub(crate) task: Task,
-    /// Where `msg` is stored in `TASKS`.
+    /// Where `msg` is stored in `TASKS`, and the task's place in it (0 unless a bundle).
     seq: u64,
+    index: u32,
     arrived: Instant,
 }
 
@@ -75,8 +84,14 @@ pub(crate) struct Schedule {
     /// Running lanes, with how many tasks at the front of each the running work took (one, or
     /// several for a batch).
     running: HashMap<String, usize>,
-    /// The `TASKS` sequences of the running tasks, checked on every delivery.
-    running_seqs: HashSet<u64>,
+    /// The `TASKS` sequences (and places in a bundle) of the running tasks, checked on every
+    /// delivery.
+    running_seqs: HashSet<(u64, u32)>,
+    /// Bundles with tasks not done yet, by `TASKS` sequence: a redelivered bundle starts only
+    /// those.
+    bundles: HashMap<u64, Arc<Bundle>>,
+    /// Tasks in `lanes`.
+    len: usize,
     /// Lanes whose head is ready, by priority rank (0 = critical), oldest first.
     ready: [VecDeque<(String, Instant)>; 4],
     /// Lanes whose head must wait until a time.
@@ -99,6 +114,7 @@ impl Schedule {
         let lane = held.task.ordering_key();
         let queue = self.lanes.entry(lane.clone()).or_default();
         queue.push_back(Box::new(held));
+        self.len += 1;
         if queue.len() == 1 && !self.running.contains_key(&lane) {
             self.mark_ready(lane);
         }
@@ -145,7 +161,8 @@ impl Schedule {
         let (_, r, _) = self.best()?;
         let (lane, _) = self.ready[r].pop_front()?;
         if let Some(head) = self.head(&lane) {
-            self.running_seqs.insert(head.seq);
+            head.msg.mark_started();
+            self.running_seqs.insert((head.seq, head.index));
         }
         self.running.insert(lane.clone(), 1);
         Some(lane)
@@ -185,7 +202,8 @@ impl Schedule {
     pub(crate) fn take_next(&mut self, lane: &str) {
         if let Some(taken) = self.running.get_mut(lane) {
             if let Some(next) = self.lanes.get(lane).and_then(|q| q.get(*taken)) {
-                self.running_seqs.insert(next.seq);
+                next.msg.mark_started();
+                self.running_seqs.insert((next.seq, next.index));
             }
             *taken += 1;
         }
@@ -196,7 +214,7 @@ impl Schedule {
     pub(crate) fn release(&mut self, lane: &str) {
         let taken = self.running.remove(lane).unwrap_or(0);
         for held in self.lanes.get(lane).into_iter().flatten().take(taken) {
-            self.running_seqs.remove(&held.seq);
+            self.running_seqs.remove(&(held.seq, held.index));
         }
     }
 
@@ -205,7 +223,11 @@ impl Schedule {
         let taken = self.running.remove(&lane).unwrap_or(1);
         if let Some(q) = self.lanes.get_mut(&lane) {
             for held in q.drain(..taken.min(q.len())) {
-                self.running_seqs.remove(&held.seq);
+                self.len -= 1;
+                self.running_seqs.remove(&(held.seq, held.index));
+                if held.msg.settled() {
+                    self.bundles.remove(&held.seq);
+                }
             }
         }
         self.mark_ready(lane);
@@ -236,11 +258,26 @@ impl Schedule {
             ready.clear();
         }
         self.delayed.clear();
+        self.len = self.lanes.values().map(VecDeque::len).sum();
     }
 
-    /// Whether the task stored at `seq` in `TASKS` is running now.
-    fn is_running(&self, seq: u64) -> bool {
-        self.running_seqs.contains(&seq)
+    /// Stopping: only lanes whose next task belongs to a bundle that has started stay ready.
+    fn keep_only_started(&mut self) {
+        let lanes = &self.lanes;
+        for ready in &mut self.ready {
+            ready.retain(|(lane, _)| {
+                lanes
+                    .get(lane)
+                    .and_then(|q| q.front())
+                    .is_some_and(|h| h.msg.in_started_bundle())
+            });
+        }
+        self.delayed.clear();
+    }
+
+    /// Whether the task stored at `seq` in `TASKS` (at `index` in a bundle) is running now.
+    fn is_running(&self, seq: u64, index: u32) -> bool {
+        self.running_seqs.contains(&(seq, index))
     }
 }
 
@@ -306,6 +343,10 @@ impl PartitionRunner {
         let mut slots: Option<BoxFuture<'static, Slots>> = None;
         let urgency = Urgency::default();
         let mut interrupted = false;
+        // Holding `max_ack_pending` tasks (bundles carry many per message), the runner takes
+        // one more message only every [`TRICKLE`]: often enough that the pull stays alive.
+        let cap = usize::try_from(self.max_ack_pending).unwrap_or(usize::MAX);
+        let mut trickle_at = Instant::now();
         'pull: while !stop.is_cancelled() {
             while !self.fence.held() {
                 tokio::select! {
@@ -341,6 +382,8 @@ impl PartitionRunner {
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(256)
+                // What waits in the client unread: bundles are up to 256 KiB each.
+                .max_bytes_per_batch(4 * 1024 * 1024)
                 .heartbeat(Duration::from_secs(3))
                 .expires(Duration::from_secs(10))
                 .messages()
@@ -368,6 +411,19 @@ impl PartitionRunner {
                     continue 'pull;
                 }
                 let next_due = schedule.release_due();
+                let finishing = stop.is_cancelled();
+                if finishing {
+                    // A bundle is acked whole, so before the partition goes, the bundles that
+                    // have started are finished (the next owner would run their done tasks
+                    // again) — only those, and only while the lease is surely ours.
+                    schedule.keep_only_started();
+                    if running.is_empty()
+                        && !schedule.has_ready()
+                        && collector.as_ref().is_none_or(Collector::is_idle)
+                    {
+                        break 'pull;
+                    }
+                }
                 // A batching handler's ready tasks join batches; closed batches need the slots.
                 let closes_at = collector.as_mut().and_then(|c| {
                     c.absorb(&mut schedule);
@@ -399,6 +455,8 @@ impl PartitionRunner {
                         None => futures::future::pending().await,
                     }
                 };
+                let full = schedule.len >= cap;
+                let take = !full || Instant::now() >= trickle_at;
                 let due = async {
                     match next_due {
                         Some(at) => {
@@ -409,7 +467,7 @@ impl PartitionRunner {
                     }
                 };
                 tokio::select! {
-                    _ = stop.cancelled() => break 'pull,
+                    _ = stop.cancelled(), if !finishing => {}
                     // Wakes an idle runner, whose pull would otherwise stay open (and keep
                     // asking for tasks) until something else happened.
                     _ = self.fence.lapsed() => {}
@@ -433,12 +491,22 @@ impl PartitionRunner {
                     _ = due => {}
                     _ = closes => {}
                     _ = progress.tick() => {
+                        // Once per message: the tasks of a bundle share theirs.
+                        let mut sent = HashSet::new();
                         for held in schedule.held() {
-                            let _ = held.msg.ack_with(AckKind::Progress).await;
+                            if sent.insert(held.seq) {
+                                let _ = held.msg.ack_with(AckKind::Progress).await;
+                            }
                         }
                     }
-                    next = messages.next() => match next {
-                        Some(Ok(msg)) if self.fence.held() => self.accept(msg, &mut schedule).await,
+                    _ = tokio::time::sleep_until(trickle_at), if !take && !finishing => {}
+                    next = messages.next(), if take && !finishing => match next {
+                        Some(Ok(msg)) if self.fence.held() => {
+                            if full {
+                                trickle_at = Instant::now() + TRICKLE;
+                            }
+                            self.accept(msg, &mut schedule).await
+                        }
                         Some(Ok(msg)) => {
                             // Arrived as the fence lapsed: maybe from a successor's consumer.
                             // Handing it back at once beats holding it until `ack_wait`.
@@ -472,22 +540,49 @@ impl PartitionRunner {
                 return;
             }
         };
-        // A recreated consumer delivers a running task again; the running one acks it.
-        if schedule.is_running(seq) {
+        let arrived = Instant::now();
+        if !is_bundle(&msg) {
+            // A recreated consumer delivers a running task again; the running one acks it.
+            if schedule.is_running(seq, 0) {
+                return;
+            }
+            match serde_json::from_slice::<Task>(&msg.payload) {
+                Ok(task) => schedule.push(Held {
+                    msg: Delivery::single(msg),
+                    task,
+                    seq,
+                    index: 0,
+                    arrived,
+                }),
+                Err(e) => terminate_malformed(msg, &e).await,
+            }
             return;
         }
-        match serde_json::from_slice::<Task>(&msg.payload) {
-            Ok(task) => schedule.push(Held {
-                msg,
-                task,
-                seq,
-                arrived: Instant::now(),
-            }),
-            Err(e) => {
-                // Only Grizzly writes tasks; a corrupt one cannot succeed by retrying.
-                warn!(subject = %msg.subject, error = %e, "malformed task terminated");
-                let _ = msg.ack_with(AckKind::Term).await;
+        let tasks = match serde_json::from_slice::<Vec<Task>>(&msg.payload) {
+            Ok(tasks) => tasks,
+            Err(e) => return terminate_malformed(msg, &e).await,
+        };
+        let bundle = schedule
+            .bundles
+            .entry(seq)
+            .or_insert_with(|| Bundle::new(tasks.len()))
+            .clone();
+        // Again after a recreated consumer: only what is neither done nor running.
+        for (index, task) in (0u32..).zip(tasks) {
+            if bundle.is_open(index) && !schedule.is_running(seq, index) {
+                schedule.push(Held {
+                    msg: Delivery::bundled(msg.clone(), bundle.clone(), index),
+                    task,
+                    seq,
+                    index,
+                    arrived,
+                });
             }
+        }
+        if bundle.all_done() {
+            // Done before, but its ack was lost.
+            schedule.bundles.remove(&seq);
+            let _ = msg.ack().await;
         }
     }
 
@@ -529,6 +624,18 @@ impl PartitionRunner {
             vec![lane]
         }));
     }
+}
+
+fn is_bundle(msg: &jetstream::Message) -> bool {
+    msg.headers
+        .as_ref()
+        .is_some_and(|h| h.get(BUNDLE_HEADER).is_some())
+}
+
+/// Only Grizzly writes tasks; a corrupt one cannot succeed by retrying.
+async fn terminate_malformed(msg: jetstream::Message, e: &serde_json::Error) {
+    warn!(subject = %msg.subject, error = %e, "malformed task terminated");
+    let _ = msg.ack_with(AckKind::Term).await;
 }
 
 #[cfg(test)]
