@@ -7,24 +7,29 @@
 //! the log with an ordered consumer from the oldest cursor of its partitions and skips events
 //! of other partitions (a hash of the subject, no parsing). A partition's cursor — the sequence
 //! from which it is still to be routed — advances only past events whose tasks (or dead letter)
-//! the broker confirmed, so a crash at any point re-routes from the cursor; task ids are derived
-//! from the event, so re-routing writes nothing twice. Publishes are pipelined (many in flight,
-//! issued in log order) so the broker's write latency is paid once per window, not once per
-//! event — across aggregates: within one aggregate an event's tasks are issued only once the
-//! previous event's are confirmed ([`Tails`]), so a refused or lost publish that is re-sent
-//! never lands behind a newer task of its aggregate.
+//! the broker confirmed, so a crash at any point re-routes from the cursor.
+//!
+//! Writes go out in *rounds*, one partition's at a time and never two of a partition at once (so
+//! an aggregate's tasks land in log order, even when a refused publish is re-sent); partitions
+//! go on in parallel, so the broker's write latency is paid once per round, not once per event.
+//! A round of one event writes its tasks alone, with ids derived from the event: re-routing it
+//! writes nothing twice, and an idle system's latency is a single write. A round of several —
+//! a backlog — is announced in `round.<p>` and then written as one *bundle* per task subject
+//! (one stored write and one delete for up to 256 tasks instead of one each); the
+//! announcement lets the next router form exactly the same bundles (see [`partitions`]).
 
 pub mod flow;
 pub mod health;
 pub mod partitions;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -36,6 +41,7 @@ use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
 use grizzly_shared::registry::{self, HandlerRegistry, RegistrySnapshot};
 use grizzly_shared::subject::DLQ_INGEST;
+use grizzly_shared::task::BUNDLE_HEADER;
 use grizzly_shared::{EventSubject, Settings, Task, trace};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -72,92 +78,337 @@ async fn read_log(
 
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
+/// Events in one round of a partition at most: what a worker re-runs at worst when it dies
+/// with a bundle half done.
+const MAX_ROUND: usize = 256;
+/// A bundle message's payload at most (the broker's default message limit is 1 MiB); a
+/// larger one is split, the same way by every router.
+const MAX_BUNDLE_BYTES: usize = 256 * 1024;
 /// Outcome event types; a handler never receives the outcomes of its own runs.
 const OUTCOME_TYPES: [&str; 3] = ["handler_succeeded", "handler_failed", "handler_skipped"];
 
-/// Per aggregate, the newest event whose tasks are not confirmed yet. The next event of that
-/// aggregate issues its tasks only after that one's are confirmed: with everything pipelined, a
-/// publish refused by a full `TASKS` (or lost with a broker crash) and re-sent later landed
-/// behind the next event's task, and workers ran the aggregate's events out of order.
-#[derive(Default)]
-struct Tails {
-    issued: u64,
-    by_aggregate: std::collections::HashMap<String, (u64, tokio::sync::oneshot::Receiver<()>)>,
+/// What routing one event writes.
+enum Write {
+    /// A task: alone in its message (id per event), or in a bundle of its round.
+    Task(Box<Task>),
+    /// Anything else (a dead letter, a skip record): its own message, id and subject.
+    Other(String, PublishMessage),
 }
 
-impl Tails {
-    /// Makes `aggregate`'s newest event the one being routed now; returns its token, the signal
-    /// to send once its tasks are confirmed, and the predecessor to wait for, if still pending.
-    fn push(
-        &mut self,
-        aggregate: String,
-    ) -> (
-        u64,
-        tokio::sync::oneshot::Sender<()>,
-        Option<tokio::sync::oneshot::Receiver<()>>,
-    ) {
-        self.issued += 1;
-        let (done, rx) = tokio::sync::oneshot::channel();
-        let previous = self
-            .by_aggregate
-            .insert(aggregate, (self.issued, rx))
-            .and_then(|(_, mut prev)| match prev.try_recv() {
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Some(prev),
-                _ => None,
-            });
-        (self.issued, done, previous)
-    }
-
-    /// An event finished: forget its aggregate unless a newer event of it is being routed.
-    fn finished(&mut self, aggregate: &str, token: u64) {
-        if self
-            .by_aggregate
-            .get(aggregate)
-            .is_some_and(|(t, _)| *t == token)
-        {
-            self.by_aggregate.remove(aggregate);
-        }
-    }
+/// One event's writes, not issued yet.
+struct Routing {
+    seq: u64,
+    writes: Vec<Write>,
 }
 
-/// What a routed event's confirmation returns: publishes it confirmed, its [`Tails`] entry, and
-/// its partition and stream sequence.
-type Routed = (usize, Option<(String, u64)>, (u16, u64));
+/// A partition this replica routes: its next round, and whether a round is being written.
+/// Rounds of a partition never overlap, so an aggregate's tasks land in log order, and a
+/// round's announcement implies that every earlier event of the partition is confirmed.
+struct Part {
+    pending: Vec<Routing>,
+    busy: bool,
+    claim: partitions::Claim,
+}
 
-/// Routed events whose publishes are not confirmed yet.
+/// What a written round reports: its partition and events, the publishes it confirmed, and
+/// the revision of `round.<p>` after its announcement (`Err`: another replica claimed the
+/// partition, nothing was written).
+struct Written {
+    partition: u16,
+    seqs: Vec<u64>,
+    publishes: usize,
+    revision: Result<Option<u64>, ()>,
+}
+
+/// Routed events whose writes are not confirmed yet.
 #[derive(Default)]
 struct Pipeline {
-    in_flight: FuturesUnordered<BoxFuture<'static, Routed>>,
-    tails: Tails,
+    /// This replica's id, in its announcements.
+    id: String,
+    in_flight: FuturesUnordered<BoxFuture<'static, Written>>,
+    parts: HashMap<u16, Part>,
     /// Unconfirmed publishes; kept under the context's in-flight window so issuing a publish
     /// never waits on a confirmation that only the routing loop could collect.
     outstanding: usize,
-    /// Per partition, the sequences of events whose publishes are not confirmed yet: a
+    /// Per partition, the sequences of events whose writes are not confirmed yet: a
     /// partition's cursor stays at the oldest of them.
     unconfirmed: HashMap<u16, BTreeSet<u64>>,
 }
 
 impl Pipeline {
+    /// Whether the routing loop may read the next event: room for its publishes, and no
+    /// round full (a full one is written first).
     fn has_room(&self) -> bool {
         self.outstanding < MAX_OUTSTANDING_PUBLISHES
+            && self
+                .parts
+                .values()
+                .all(|p| p.pending.len() < MAX_ROUND || p.claim.announced.is_some())
     }
 
-    /// An event's publishes are confirmed.
-    fn settled(&mut self, (done, tail, (partition, seq)): Routed) {
-        self.outstanding -= done;
-        if let Some((aggregate, token)) = tail {
-            self.tails.finished(&aggregate, token);
+    fn claimed(&mut self, partition: u16, claim: partitions::Claim) {
+        self.forget(partition);
+        self.parts.insert(
+            partition,
+            Part {
+                pending: Vec::new(),
+                busy: false,
+                claim,
+            },
+        );
+    }
+
+    /// Stops routing `partition`: its unwritten round is dropped (the cursor stays before it).
+    fn forget(&mut self, partition: u16) {
+        if let Some(part) = self.parts.remove(&partition)
+            && let Some(seqs) = self.unconfirmed.get_mut(&partition)
+        {
+            for routing in part.pending {
+                seqs.remove(&routing.seq);
+            }
         }
-        if let Some(seqs) = self.unconfirmed.get_mut(&partition) {
-            seqs.remove(&seq);
+    }
+
+    /// Adds an event to its partition's next round.
+    fn queue(&mut self, partition: u16, routing: Routing) {
+        self.unconfirmed
+            .entry(partition)
+            .or_default()
+            .insert(routing.seq);
+        if let Some(part) = self.parts.get_mut(&partition) {
+            part.pending.push(routing);
+        }
+    }
+
+    /// A partition whose next round can be written now: not busy, and — when it re-forms an
+    /// announced round — every event of that round read.
+    fn ready(&self, read_to: u64, full_only: bool) -> Option<u16> {
+        self.parts.iter().find_map(|(partition, part)| {
+            let ready = !part.busy
+                && !part.pending.is_empty()
+                && part.claim.announced.is_none_or(|r| read_to > r.to)
+                && (!full_only || part.pending.len() >= MAX_ROUND);
+            ready.then_some(*partition)
+        })
+    }
+
+    /// A round was written (or fenced off).
+    fn settled(&mut self, written: Written) -> Option<u16> {
+        self.outstanding -= written.publishes;
+        if let Some(seqs) = self.unconfirmed.get_mut(&written.partition) {
+            for seq in &written.seqs {
+                seqs.remove(seq);
+            }
+        }
+        match written.revision {
+            Err(()) => {
+                self.forget(written.partition);
+                self.unconfirmed.remove(&written.partition);
+                Some(written.partition)
+            }
+            Ok(revision) => {
+                if let Some(part) = self.parts.get_mut(&written.partition) {
+                    part.busy = false;
+                    if let Some(revision) = revision {
+                        part.claim.revision = revision;
+                    }
+                }
+                None
+            }
         }
     }
 
     /// Confirms everything in flight.
     async fn drain(&mut self) {
-        while let Some(routed) = self.in_flight.next().await {
-            self.settled(routed);
+        while let Some(written) = self.in_flight.next().await {
+            self.settled(written);
         }
+    }
+
+    /// Writes `partition`'s next round: one event alone, or up to the end of the log at the
+    /// claim, as it always was (each event's tasks on their own, ids per event, one event
+    /// after another); otherwise announced in `round.<p>`, then one bundle per task subject.
+    fn write(&mut self, partition: u16, js: &jetstream::Context, rounds: &kv::Store) {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        let round = std::mem::take(&mut part.pending);
+        // Formed again or not, an announced round is written once: what follows is new.
+        let announced = part.claim.announced.take();
+        let Some(first) = round.first().map(|r| r.seq) else {
+            return;
+        };
+        let last = round.last().map_or(first, |r| r.seq);
+        part.busy = true;
+        let bundled = announced.is_some() || (round.len() > 1 && first > part.claim.singles_to);
+        let seqs: Vec<u64> = round.iter().map(|r| r.seq).collect();
+        let js = js.clone();
+        let future: BoxFuture<'static, Written> = if bundled {
+            let bounds = announced.unwrap_or(partitions::Round {
+                from: first,
+                to: last,
+            });
+            let publishes = bundles(partition, bounds, round);
+            let count = publishes.len();
+            self.outstanding += count;
+            let (rounds, revision) = (rounds.clone(), part.claim.revision);
+            let announcement = partitions::Announcement {
+                round: Some(bounds),
+                by: self.id.clone(),
+            };
+            Box::pin(async move {
+                let Ok(revision) = announce(&rounds, partition, announcement, revision).await
+                else {
+                    return Written {
+                        partition,
+                        seqs,
+                        publishes: count,
+                        revision: Err(()),
+                    };
+                };
+                confirm_all(&js, publishes).await;
+                Written {
+                    partition,
+                    seqs,
+                    publishes: count,
+                    revision: Ok(Some(revision)),
+                }
+            })
+        } else {
+            let count = round.iter().map(|r| r.writes.len()).sum();
+            self.outstanding += count;
+            Box::pin(async move {
+                for routing in round {
+                    let publishes = routing.writes.into_iter().map(|w| match w {
+                        Write::Task(task) => (
+                            task.subject(),
+                            PublishMessage::build()
+                                .payload(task.to_json_bytes())
+                                .message_id(task.msg_id()),
+                        ),
+                        Write::Other(subject, publish) => (subject, publish),
+                    });
+                    confirm_all(&js, publishes.collect()).await;
+                }
+                Written {
+                    partition,
+                    seqs,
+                    publishes: count,
+                    revision: Ok(None),
+                }
+            })
+        };
+        self.in_flight.push(future);
+    }
+}
+
+/// Issues every publish, then waits until the broker confirmed each (re-sending as needed).
+async fn confirm_all(js: &jetstream::Context, publishes: Vec<(String, PublishMessage)>) {
+    let mut issued = Vec::with_capacity(publishes.len());
+    for (subject, publish) in publishes {
+        let ack = js.send_publish(subject.clone(), publish.clone()).await.ok();
+        issued.push((subject, publish, ack));
+    }
+    for (subject, publish, ack) in issued {
+        nats::publish_confirmed(js, &subject, publish, ack).await;
+    }
+}
+
+/// A bundled round's messages: per task subject, its tasks in log order (split by
+/// [`MAX_BUNDLE_BYTES`]), with ids from the round's first sequence, so forming the same round
+/// again writes nothing twice; and the round's other writes as they are.
+fn bundles(
+    partition: u16,
+    bounds: partitions::Round,
+    round: Vec<Routing>,
+) -> Vec<(String, PublishMessage)> {
+    let mut out = Vec::new();
+    let mut by_subject: BTreeMap<String, Vec<bytes::Bytes>> = BTreeMap::new();
+    for write in round.into_iter().flat_map(|r| r.writes) {
+        match write {
+            Write::Task(task) => by_subject
+                .entry(task.subject())
+                .or_default()
+                .push(task.to_json_bytes()),
+            Write::Other(subject, publish) => out.push((subject, publish)),
+        }
+    }
+    for (subject, tasks) in by_subject {
+        let mut chunks: Vec<Vec<bytes::Bytes>> = vec![Vec::new()];
+        let mut size = 0;
+        for task in tasks {
+            let chunk = chunks.last_mut().expect("never empty");
+            if !chunk.is_empty() && size + task.len() > MAX_BUNDLE_BYTES {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += task.len() + 1;
+            chunks.last_mut().expect("never empty").push(task);
+        }
+        for (part, chunk) in chunks.into_iter().enumerate() {
+            let mut payload =
+                Vec::with_capacity(chunk.iter().map(|t| t.len() + 1).sum::<usize>() + 1);
+            payload.push(b'[');
+            for (i, task) in chunk.iter().enumerate() {
+                if i > 0 {
+                    payload.push(b',');
+                }
+                payload.extend_from_slice(task);
+            }
+            payload.push(b']');
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(BUNDLE_HEADER, chunk.len().to_string().as_str());
+            let id = format!("bundle:{partition}:{}:{subject}:{part}", bounds.from);
+            out.push((
+                subject.clone(),
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .headers(headers)
+                    .message_id(id),
+            ));
+        }
+    }
+    out
+}
+
+/// Announces a bundled round in `round.<p>`: a compare-and-set on the revision this replica
+/// last wrote, which fails once another replica has claimed the partition. Retries anything
+/// else; `Err` only when fenced off.
+async fn announce(
+    rounds: &kv::Store,
+    partition: u16,
+    announcement: partitions::Announcement,
+    revision: u64,
+) -> Result<u64, ()> {
+    use backon::BackoffBuilder;
+    let key = partitions::round_key(partition);
+    let value = announcement.to_bytes();
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match rounds.update(&key, value.clone(), revision).await {
+            Ok(revision) => return Ok(revision),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Our earlier attempt may have landed (its reply lost); a claim writes its
+                // own id.
+                return match rounds.entry(key.clone()).await {
+                    Ok(Some(entry)) if entry.value == value => Ok(entry.revision),
+                    _ => {
+                        warn!(
+                            partition,
+                            "partition claimed by another replica; round dropped"
+                        );
+                        Err(())
+                    }
+                };
+            }
+            Err(e) => warn!(partition, error = %e, "cannot announce a round; retrying"),
+        }
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(2))).await;
     }
 }
 
@@ -380,6 +631,7 @@ impl Listener {
         .await?;
         let cursors =
             nats::ensure_cursor_bucket(&self.nats.js, self.settings.streams.replicas).await?;
+        let rounds = cursors.clone();
         // Know the workers before the first event, then keep up with their heartbeats.
         match health::HandlerHealth::read(&leases).await {
             Ok(now) => *self.health.write().expect("health lock") = now,
@@ -400,6 +652,7 @@ impl Listener {
         let id = self.settings.listener_id();
         let progress = partitions::Progress::default();
         let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let fence = nats::LeaseFence::new(tokio::time::Instant::now());
         let stop_manager = CancellationToken::new();
         // Aborted if this future is dropped: leases die with the routing they stand for.
         let mut manager = AbortOnDrop(tokio::spawn(
@@ -412,12 +665,16 @@ impl Listener {
                 events: events.clone(),
                 progress: progress.clone(),
                 changes: changes_tx,
+                fence: fence.clone(),
             }
             .run(stop_manager.clone()),
         ));
         info!(listener = %id, routes = self.routes.len(), "listener routing");
 
-        let mut pipeline = Pipeline::default();
+        let mut pipeline = Pipeline {
+            id: id.clone(),
+            ..Default::default()
+        };
         let mut owned = Owned {
             partitions: self.settings.partitions,
             next: HashMap::new(),
@@ -445,13 +702,19 @@ impl Listener {
                     }
                 }
             }
+            // Past the fence another replica may route our partitions: write nothing until a
+            // renewal (or the lease's loss) says which.
+            let held = fence.held();
+            let ready = pipeline.ready(owned.read_to, false).filter(|_| held);
+            let room = pipeline.has_room();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(change) = changes.recv() => match change {
-                    partitions::Change::Acquired { partition, from } => {
+                    partitions::Change::Acquired { partition, from, claim } => {
                         let first = owned.next.is_empty();
                         owned.next.insert(partition, from);
+                        pipeline.claimed(partition, claim);
                         if first || from < owned.read_to {
                             // Read its events from its cursor (others' are skipped as routed).
                             reader = None;
@@ -462,14 +725,19 @@ impl Listener {
                     partitions::Change::Release { partition, cursor } => {
                         let at = owned.cursor(partition, &pipeline);
                         owned.next.remove(&partition);
+                        pipeline.forget(partition);
                         let _ = cursor.send(at.unwrap_or(owned.read_to));
                     }
                     partitions::Change::Lost { partition } => {
                         owned.next.remove(&partition);
+                        pipeline.forget(partition);
                     }
                 },
-                Some(routed) = pipeline.in_flight.next(), if !pipeline.in_flight.is_empty() => {
-                    pipeline.settled(routed);
+                Some(written) = pipeline.in_flight.next(), if !pipeline.in_flight.is_empty() => {
+                    if let Some(fenced) = pipeline.settled(written) {
+                        // Claimed by another replica (our lease round will say so too).
+                        owned.next.remove(&fenced);
+                    }
                 }
                 _ = progress_tick.tick() => {
                     let mut shared = progress.lock().expect("progress");
@@ -480,8 +748,10 @@ impl Listener {
                     }
                 }
                 _ = tokio::time::sleep_until(resume_at), if reader.is_none() && start.is_some() => {}
+                // Fenced with a round waiting: look again once a renewal may have come.
+                _ = fence.renewed(), if !held && !pipeline.parts.values().all(|p| p.pending.is_empty()) => {}
                 next = async { reader.as_mut().expect("reader").next().await },
-                    if reader.is_some() && pipeline.has_room() => match next {
+                    if reader.is_some() && room => match next {
                     Some(Ok(msg)) => {
                         let seq = match msg.info() {
                             Ok(info) => info.stream_sequence,
@@ -501,8 +771,26 @@ impl Listener {
                             let now = registry_rx.borrow_and_update().clone();
                             self.apply_registry(&now);
                         }
-                        match self.route(msg, seq, partition, &mut pipeline).await {
-                            Ok(()) => {
+                        if pipeline.parts.get(&partition).is_some_and(|p| {
+                            p.claim.announced.is_some_and(|r| seq > r.to)
+                        }) {
+                            if !fence.held() {
+                                // It must not join the announced round: read it again later.
+                                owned.read_to = seq;
+                                reader = None;
+                                start = Some(seq);
+                                resume_at = tokio::time::Instant::now() + RETRY_AFTER;
+                                continue;
+                            }
+                            // The announced round being formed again is complete: write it
+                            // before this event joins the next one.
+                            pipeline.write(partition, &self.nats.js, &rounds);
+                        }
+                        match self.writes_for(&msg).await {
+                            Ok(writes) => {
+                                if !writes.is_empty() {
+                                    pipeline.queue(partition, Routing { seq, writes });
+                                }
                                 owned.next.insert(partition, seq + 1);
                             }
                             Err(e) => {
@@ -528,6 +816,15 @@ impl Listener {
                         start = Some(owned.read_to);
                     }
                 },
+                // Lowest priority: a round closes when nothing more is ready to read (or it is
+                // full), so a lone event is written at once and a backlog in bundles.
+                Some(partition) = std::future::ready(ready), if ready.is_some() => {
+                    pipeline.write(partition, &self.nats.js, &rounds);
+                }
+            }
+            while let Some(partition) = pipeline.ready(owned.read_to, true).filter(|_| fence.held())
+            {
+                pipeline.write(partition, &self.nats.js, &rounds);
             }
             if owned.next.is_empty() {
                 reader = None;
@@ -550,84 +847,9 @@ impl Listener {
         Ok(())
     }
 
-    /// Routes one message: issues its publishes now (so tasks are written in log order) and
-    /// adds to `pipeline` a future that confirms them. An event whose aggregate still has an
-    /// unconfirmed predecessor issues its publishes only once that one is confirmed (see
-    /// [`Tails`]). Fails, writing nothing, when the flow-control state cannot be read.
-    async fn route(
-        &self,
-        msg: jetstream::Message,
-        seq: u64,
-        partition: u16,
-        pipeline: &mut Pipeline,
-    ) -> anyhow::Result<()> {
-        let publishes = self.publishes_for(&msg).await?;
-        if publishes.is_empty() {
-            // Nothing to write (e.g. an outcome event no handler listens to — half of what the
-            // listener sees under load).
-            return Ok(());
-        }
-        // events.<type>.<id>.<event>: tasks are ordered per aggregate (dead letters need no order).
-        let mut tokens = msg.subject.split('.');
-        let aggregate = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
-            (Some(_), Some(t), Some(i), Some(_)) if tokens.next().is_none() => {
-                Some(format!("{t}/{i}"))
-            }
-            _ => None,
-        };
-        let (tail, done, previous) = match aggregate {
-            Some(aggregate) => {
-                let (token, done, previous) = pipeline.tails.push(aggregate.clone());
-                (Some((aggregate, token)), Some(done), previous)
-            }
-            None => (None, None, None),
-        };
-        let mut issued = Vec::with_capacity(publishes.len());
-        for (subject, publish) in publishes {
-            let ack = match previous {
-                Some(_) => None,
-                None => self
-                    .nats
-                    .js
-                    .send_publish(subject.clone(), publish.clone())
-                    .await
-                    .ok(),
-            };
-            issued.push((subject, publish, ack));
-        }
-        let count = issued.len();
-        let js = self.nats.js.clone();
-        let confirm = async move {
-            if let Some(previous) = previous {
-                // Confirmed (or its routing was abandoned at shutdown): now issue ours.
-                let _ = previous.await;
-                for (subject, publish, ack) in &mut issued {
-                    *ack = js.send_publish(subject.clone(), publish.clone()).await.ok();
-                }
-            }
-            for (subject, publish, ack) in issued {
-                nats::publish_confirmed(&js, &subject, publish, ack).await;
-            }
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-            (count, tail, (partition, seq))
-        };
-        pipeline.outstanding += count;
-        pipeline
-            .unconfirmed
-            .entry(partition)
-            .or_default()
-            .insert(seq);
-        pipeline.in_flight.push(Box::pin(confirm));
-        Ok(())
-    }
-
-    /// What must be written for one message: its tasks, or its dead letter.
-    async fn publishes_for(
-        &self,
-        msg: &jetstream::Message,
-    ) -> anyhow::Result<Vec<(String, PublishMessage)>> {
+    /// What must be written for one message: its tasks, or its dead letter. Fails, writing
+    /// nothing, when the flow-control state cannot be read.
+    async fn writes_for(&self, msg: &jetstream::Message) -> anyhow::Result<Vec<Write>> {
         let stored = StoredMessage::from_jetstream(msg).map_err(anyhow::Error::msg)?;
         let seq = stored.stream_sequence;
         // Broker time: rate limit and debounce decide the same on every replica and replay.
@@ -668,7 +890,7 @@ impl Listener {
                             let publish = PublishMessage::build()
                                 .payload(dead.to_json_bytes())
                                 .message_id(format!("ingest:{}", seq));
-                            out.push((DLQ_INGEST.to_string(), publish));
+                            out.push(Write::Other(DLQ_INGEST.to_string(), publish));
                         }
                     }
                 }
@@ -692,7 +914,7 @@ impl Listener {
                         let publish = PublishMessage::build()
                             .payload(skipped.to_json_bytes())
                             .headers(skipped.headers());
-                        out.push((skipped.subject()?.to_string(), publish));
+                        out.push(Write::Other(skipped.subject()?.to_string(), publish));
                         continue;
                     }
                     if let Some(limited) = self
@@ -710,7 +932,7 @@ impl Listener {
                         let publish = PublishMessage::build()
                             .payload(skipped.to_json_bytes())
                             .headers(skipped.headers());
-                        out.push((skipped.subject()?.to_string(), publish));
+                        out.push(Write::Other(skipped.subject()?.to_string(), publish));
                         metrics().events_out(EventsOut::Outcome, 1);
                         continue;
                     }
@@ -732,11 +954,8 @@ impl Listener {
                         .await?
                         .max(debounced);
                     debug!(handler = %task.handler, event = %event.id, "routing");
-                    let publish = PublishMessage::build()
-                        .payload(task.to_json_bytes())
-                        .message_id(task.msg_id());
-                    out.push((task.subject(), publish));
                     metrics().event_routed(&task.handler);
+                    out.push(Write::Task(Box::new(task)));
                 }
             }
             Err(err) => {
@@ -746,7 +965,7 @@ impl Listener {
                 let publish = PublishMessage::build()
                     .payload(dead.to_json_bytes())
                     .message_id(format!("ingest:{}", seq));
-                out.push((DLQ_INGEST.to_string(), publish));
+                out.push(Write::Other(DLQ_INGEST.to_string(), publish));
             }
         }
         Ok(out)

@@ -10,6 +10,15 @@
 //! replica's leases expire after `lease_ttl`; the replica that claims a partition starts it
 //! from its cursor. The events between that cursor and what the dead replica had really routed
 //! are routed again — idempotent, task ids derive from the event.
+//!
+//! Bundles (several events' tasks in one message, see the crate docs) are idempotent only if the
+//! next router forms exactly the same ones. So a replica announces each bundled round in
+//! `round.<p>` before writing it, and claiming a partition reads that announcement ([`Claim`]):
+//! the new router starts with exactly that round, and routes one event at a time (ids per
+//! event) up to the end of the log as it was at the claim: the previous router may have routed
+//! any of those singly. Claiming also rewrites `round.<p>`, so the previous router's next
+//! announcement — a compare-and-set on the revision it knew — fails and it writes no bundle
+//! the new router would not reproduce.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,11 +30,52 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// A bundled routing round: the partition's events with `from <= seq <= to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Round {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// The value of `round.<p>`: the last round announced (if any) and the replica that wrote it
+/// last — the claim writes its own id, so a fenced-off router can tell its write apart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Announcement {
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub round: Option<Round>,
+    pub by: String,
+}
+
+impl Announcement {
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        serde_json::to_vec(self)
+            .expect("an announcement serializes")
+            .into()
+    }
+}
+
+/// What claiming a partition found in, and did to, `round.<p>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Revision of `round.<p>` after the claim rewrote it: the base of the next announcement.
+    pub revision: u64,
+    /// The last round announced, if it may not be confirmed yet (it reaches the cursor): to
+    /// be formed again, exactly.
+    pub announced: Option<Round>,
+    /// The end of the log at the claim: the previous router may have routed any event up to
+    /// here one at a time, so the new one does too.
+    pub singles_to: u64,
+}
+
 /// What the manager tells the routing loop.
 #[derive(Debug)]
 pub enum Change {
     /// Route `partition` from stream sequence `from` on.
-    Acquired { partition: u16, from: u64 },
+    Acquired {
+        partition: u16,
+        from: u64,
+        claim: Claim,
+    },
     /// Stop routing `partition` now and answer with its cursor.
     Release {
         partition: u16,
@@ -48,6 +98,9 @@ pub struct Manager {
     pub events: jetstream::stream::Stream,
     pub progress: Progress,
     pub changes: mpsc::UnboundedSender<Change>,
+    /// Until when this replica's leases are surely its own: the routing loop writes nothing
+    /// past it (a replica stopped past its lease must not write what it read after resuming).
+    pub fence: grizzly_shared::nats::LeaseFence,
 }
 
 fn lease_key(partition: u16) -> String {
@@ -56,6 +109,10 @@ fn lease_key(partition: u16) -> String {
 
 fn cursor_key(partition: u16) -> String {
     format!("cursor.{partition}")
+}
+
+pub fn round_key(partition: u16) -> String {
+    format!("round.{partition}")
 }
 
 impl Manager {
@@ -91,6 +148,7 @@ impl Manager {
             .await?;
         // Renew first: a replica that was stopped for longer than the lease must not write a
         // cursor for a partition another replica routes now.
+        let asked = tokio::time::Instant::now();
         let mut lost = Vec::new();
         for (partition, revision) in owned.iter_mut() {
             match self
@@ -110,6 +168,9 @@ impl Manager {
             self.progress.lock().expect("progress").remove(&partition);
             let _ = self.changes.send(Change::Lost { partition });
         }
+        // The leases kept, and those claimed below, were all written after `asked`.
+        self.fence
+            .extend(asked + grizzly_shared::nats::LeaseFence::margin(self.lease_ttl));
         self.write_cursors(owned).await;
 
         let (live, held) = self.census().await?;
@@ -159,13 +220,27 @@ impl Manager {
                     continue;
                 }
             };
-            info!(listener = %self.id, partition, from, "routing partition");
+            let claim = match self.claim(partition, from).await {
+                Ok(claim) => claim,
+                Err(e) => {
+                    warn!(partition, error = %e, "cannot claim the partition's rounds; leaving it");
+                    let _ = self.leases.delete(lease_key(partition)).await;
+                    continue;
+                }
+            };
+            // Everything before an announced round was confirmed before it was announced.
+            let from = claim.announced.map_or(from, |round| round.from);
+            info!(listener = %self.id, partition, from, ?claim, "routing partition");
             owned.insert(partition, revision);
             self.progress
                 .lock()
                 .expect("progress")
                 .insert(partition, from);
-            let _ = self.changes.send(Change::Acquired { partition, from });
+            let _ = self.changes.send(Change::Acquired {
+                partition,
+                from,
+                claim,
+            });
         }
         Ok(())
     }
@@ -193,10 +268,18 @@ impl Manager {
         {
             // Keep the lease: the next round renews it; the partition stays with us meanwhile.
             warn!(partition, error = %e, "cannot write the cursor; keeping the lease");
-            let _ = self.changes.send(Change::Acquired {
-                partition,
-                from: cursor,
-            });
+            match self.claim(partition, cursor).await {
+                Ok(claim) => {
+                    let from = claim.announced.map_or(cursor, |round| round.from);
+                    let _ = self.changes.send(Change::Acquired {
+                        partition,
+                        from,
+                        claim,
+                    });
+                }
+                // Routed by no one until the lease expires and a replica claims it.
+                Err(e) => warn!(partition, error = %e, "cannot claim the partition again"),
+            }
             self.progress
                 .lock()
                 .expect("progress")
@@ -206,6 +289,32 @@ impl Manager {
         owned.remove(&partition);
         let _ = self.leases.delete(lease_key(partition)).await;
         info!(listener = %self.id, partition, cursor, "released partition to rebalance");
+    }
+
+    /// Reads the partition's last announced round and rewrites it unchanged (a new revision
+    /// fences the previous router, see the module docs); notes the end of the log.
+    async fn claim(&self, partition: u16, cursor: u64) -> anyhow::Result<Claim> {
+        let singles_to = self.events.get_info().await?.state.last_sequence;
+        let key = round_key(partition);
+        let entry = self.cursors.entry(key.clone()).await?;
+        let round = entry
+            .as_ref()
+            .and_then(|e| serde_json::from_slice::<Announcement>(&e.value).ok()?.round);
+        let claimed = Announcement {
+            round,
+            by: self.id.clone(),
+        }
+        .to_bytes();
+        let revision = match entry {
+            Some(e) => self.cursors.update(&key, claimed, e.revision).await?,
+            None => self.cursors.create(&key, claimed).await?,
+        };
+        let announced = round.filter(|round| round.to >= cursor);
+        Ok(Claim {
+            revision,
+            announced,
+            singles_to,
+        })
     }
 
     /// Where a partition that has no cursor yet starts: the beginning of the log, or — for a
@@ -259,5 +368,25 @@ impl Manager {
             }
         }
         Ok((live, held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_read_back_with_and_without_a_round() {
+        let with = Announcement {
+            round: Some(Round { from: 7, to: 9 }),
+            by: "a".into(),
+        };
+        let text = with.to_bytes();
+        assert_eq!(&text[..], br#"{"from":7,"to":9,"by":"a"}"#);
+        assert_eq!(serde_json::from_slice::<Announcement>(&text).unwrap(), with);
+        let claim = serde_json::from_slice::<Announcement>(br#"{"by":"b"}"#).unwrap();
+        assert_eq!(claim.round, None);
+        // What an older release or a stray write left: no announcement at all.
+        assert!(serde_json::from_slice::<Announcement>(b"{}").is_err());
     }
 }

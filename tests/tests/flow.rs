@@ -498,3 +498,205 @@ async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() 
     );
     Ok(())
 }
+
+/// Under a backlog the listener writes a partition's events in bundles: one `TASKS` message
+/// per handler partition and round, announced in `round.<p>` first. A router that takes the
+/// partition over from an older cursor forms the announced round again exactly, so the broker
+/// drops every copy; every task runs once, in order per aggregate.
+#[tokio::test]
+async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -> anyhow::Result<()>
+{
+    let env = TestEnv::start().await?;
+    handler(&env, "bulk", "events.acct.*.op", "concurrency: 8");
+    let listener = env.start_listener().await?;
+    env.listeners_spread(1, DEADLINE).await?;
+    let js = env.nats.js.clone();
+    let mut tasks = js.get_stream(TASKS_STREAM).await?;
+    let before = tasks.info().await?.state.last_sequence;
+
+    // TASKS refuses every write: each partition's first round waits, the rest piles up behind
+    // it until every event is read.
+    let mut config = tasks.info().await?.config.clone();
+    let room = config.max_bytes;
+    config.max_bytes = 1;
+    js.update_stream(&config).await?;
+    for n in 0..400u64 {
+        js.publish(
+            format!("events.acct.a{}.op", n % 20),
+            json!({"n": n}).to_string().into(),
+        )
+        .await?;
+    }
+    js.wait_for_acks().await;
+    let events = js.get_stream(grizzly_shared::nats::EVENTS_STREAM).await?;
+    let read_all = tokio::time::Instant::now();
+    loop {
+        let mut consumers = events.consumers();
+        let mut behind = 0;
+        while let Some(info) = consumers.next().await {
+            behind += info?.num_pending;
+        }
+        if behind == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            read_all.elapsed() < DEADLINE,
+            "the listener never read the log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    config.max_bytes = room;
+    js.update_stream(&config).await?;
+    let _worker = env.start_worker().await?;
+    let mut watch = env.watch().await?;
+    watch
+        .wait_for_type("handler_succeeded", 400, DEADLINE)
+        .await?;
+    let written = tasks.info().await?.state.last_sequence - before;
+    println!("400 tasks in {written} TASKS messages");
+    assert!(
+        written <= 40,
+        "a backlog goes out in bundles: {written} messages"
+    );
+
+    let done = outcomes(&watch.seen, "bulk");
+    let mut per_account: HashMap<u64, Vec<u64>> = HashMap::new();
+    for o in &done {
+        let n = o["output"]["n"].as_u64().unwrap();
+        per_account.entry(n % 20).or_default().push(n);
+    }
+    assert_eq!(done.len(), 400, "each event handled once");
+    for (acct, ns) in per_account {
+        assert_eq!(ns.len(), 20, "account {acct}: {ns:?}");
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "account {acct} out of order: {ns:?}"
+        );
+    }
+
+    // A new router from the oldest cursor: it starts at each partition's announced round and
+    // forms it again; the broker drops every message as a duplicate.
+    listener.shutdown().await?;
+    let rounds = js
+        .get_key_value(grizzly_shared::nats::CURSORS_BUCKET)
+        .await?;
+    let mut announced = 0;
+    for p in 0..env.settings.partitions {
+        let entry = rounds
+            .get(format!("round.{p}"))
+            .await?
+            .context("announcement")?;
+        let value: serde_json::Value = serde_json::from_slice(&entry)?;
+        announced += usize::from(value.get("from").is_some());
+        rounds.put(format!("cursor.{p}"), "1".into()).await?;
+    }
+    assert!(announced > 0, "no round was announced");
+    let mut settings = env.settings.clone();
+    settings.listener.id = Some("successor".into());
+    let _successor = env.start_listener_with(settings).await?;
+    let end = js
+        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    let caught_up = tokio::time::Instant::now();
+    loop {
+        let cursors = grizzly_shared::nats::listener_cursors(&js)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if cursors.len() == usize::from(env.settings.partitions)
+            && cursors.values().all(|c| *c > end)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            caught_up.elapsed() < DEADLINE,
+            "the successor never routed to the end: {cursors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        tasks.info().await?.state.last_sequence - before,
+        written,
+        "the successor wrote tasks again"
+    );
+    Ok(())
+}
+
+/// A worker giving partitions back (a second worker joined) first finishes the bundles it has
+/// started: a bundle is acked whole, so otherwise the next owner would run its done tasks
+/// again. The handler's own log shows every event ran once.
+#[tokio::test]
+async fn a_worker_giving_back_a_partition_finishes_its_started_bundles_first() -> anyhow::Result<()>
+{
+    let env = TestEnv::start().await?;
+    let ran = env.path().join("ran.log");
+    let script = env.write_script(
+        "logged.py",
+        &format!(
+            r#"
+import json, sys, time
+for line in sys.stdin:
+    event = json.loads(line)
+    with open({ran:?}, "a") as log:
+        log.write(event["id"] + "\n")
+    time.sleep(event["data"]["sleep"])
+    print(json.dumps({{"done": True, "output": {{"n": event["data"]["n"]}}}}), flush=True)
+"#,
+            ran = ran.display().to_string()
+        ),
+    );
+    env.write_handler(
+        "logged",
+        &format!("name: logged\non: [\"events.acct.*.op\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: 2\n", script.display()),
+    );
+    let _listener = env.start_listener().await?;
+    env.listeners_spread(1, DEADLINE).await?;
+    let worker = |id: &str| {
+        let mut s = env.settings.clone();
+        s.worker.id = Some(id.to_string());
+        env.start_worker_with(s)
+    };
+    let _w1 = worker("w1").await?;
+    let js = env.nats.js.clone();
+    let tasks = js.get_stream(TASKS_STREAM).await?;
+    let mut config = tasks.cached_info().config.clone();
+    let room = config.max_bytes;
+    config.max_bytes = 1;
+    js.update_stream(&config).await?;
+    for n in 0..200u64 {
+        js.publish(
+            format!("events.acct.a{}.op", n % 20),
+            json!({"n": n, "sleep": 0.02}).to_string().into(),
+        )
+        .await?;
+    }
+    js.wait_for_acks().await;
+    config.max_bytes = room;
+    js.update_stream(&config).await?;
+    let mut watch = env.watch().await?;
+    watch
+        .wait_for_type("handler_succeeded", 10, DEADLINE)
+        .await?;
+    // Mid-run: the partitions are shared out, so w1 gives two back.
+    let _w2 = worker("w2").await?;
+    watch
+        .wait_for_type("handler_succeeded", 200, DEADLINE)
+        .await?;
+    let ran_on: HashSet<String> = outcomes(&watch.seen, "logged")
+        .iter()
+        .map(|o| o["worker"].as_str().unwrap_or_default().to_string())
+        .collect();
+    println!("ran on {ran_on:?}");
+    let log = std::fs::read_to_string(&ran)?;
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    for id in log.lines() {
+        *runs.entry(id).or_default() += 1;
+    }
+    assert_eq!(runs.len(), 200, "every event ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    Ok(())
+}
