@@ -108,6 +108,9 @@ struct Part {
     pending: Vec<Routing>,
     busy: bool,
     claim: partitions::Claim,
+    /// The claim's first revision: tells this claim's rounds from those of an earlier claim
+    /// of the same partition still in flight.
+    generation: u64,
 }
 
 /// What a written round reports: its partition and events, the publishes it confirmed, and
@@ -115,6 +118,7 @@ struct Part {
 /// partition, nothing was written).
 struct Written {
     partition: u16,
+    generation: u64,
     seqs: Vec<u64>,
     publishes: usize,
     revision: Result<Option<u64>, ()>,
@@ -153,6 +157,7 @@ impl Pipeline {
             Part {
                 pending: Vec::new(),
                 busy: false,
+                generation: claim.revision,
                 claim,
             },
         );
@@ -171,13 +176,14 @@ impl Pipeline {
 
     /// Adds an event to its partition's next round.
     fn queue(&mut self, partition: u16, routing: Routing) {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
         self.unconfirmed
             .entry(partition)
             .or_default()
             .insert(routing.seq);
-        if let Some(part) = self.parts.get_mut(&partition) {
-            part.pending.push(routing);
-        }
+        part.pending.push(routing);
     }
 
     /// A partition whose next round can be written now: not busy, and — when it re-forms an
@@ -192,22 +198,21 @@ impl Pipeline {
         })
     }
 
-    /// A round was written (or fenced off).
+    /// A round was written (or fenced off); returns the partition if it is lost.
     fn settled(&mut self, written: Written) -> Option<u16> {
         self.outstanding -= written.publishes;
-        if let Some(seqs) = self.unconfirmed.get_mut(&written.partition) {
-            for seq in &written.seqs {
-                seqs.remove(seq);
-            }
-        }
+        let current = self
+            .parts
+            .get_mut(&written.partition)
+            .filter(|p| p.generation == written.generation);
         match written.revision {
-            Err(()) => {
-                self.forget(written.partition);
-                self.unconfirmed.remove(&written.partition);
-                Some(written.partition)
-            }
             Ok(revision) => {
-                if let Some(part) = self.parts.get_mut(&written.partition) {
+                if let Some(seqs) = self.unconfirmed.get_mut(&written.partition) {
+                    for seq in &written.seqs {
+                        seqs.remove(seq);
+                    }
+                }
+                if let Some(part) = current {
                     part.busy = false;
                     if let Some(revision) = revision {
                         part.claim.revision = revision;
@@ -215,6 +220,12 @@ impl Pipeline {
                 }
                 None
             }
+            // Nothing written: the cursor stays where it was.
+            Err(()) => current.is_some().then(|| {
+                self.forget(written.partition);
+                self.unconfirmed.remove(&written.partition);
+                written.partition
+            }),
         }
     }
 
@@ -242,13 +253,15 @@ impl Pipeline {
         part.busy = true;
         let bundled = announced.is_some() || (round.len() > 1 && first > part.claim.singles_to);
         let seqs: Vec<u64> = round.iter().map(|r| r.seq).collect();
+        let generation = part.generation;
         let js = js.clone();
         let future: BoxFuture<'static, Written> = if bundled {
             let bounds = announced.unwrap_or(partitions::Round {
                 from: first,
                 to: last,
             });
-            let publishes = bundles(partition, bounds, round);
+            let (bundled, mut publishes) = bundles(partition, bounds, round);
+            publishes.extend(bundled.into_iter().map(Bundle::publish));
             let count = publishes.len();
             self.outstanding += count;
             let (rounds, revision) = (rounds.clone(), part.claim.revision);
@@ -261,6 +274,7 @@ impl Pipeline {
                 else {
                     return Written {
                         partition,
+                        generation,
                         seqs,
                         publishes: count,
                         revision: Err(()),
@@ -269,6 +283,7 @@ impl Pipeline {
                 confirm_all(&js, publishes).await;
                 Written {
                     partition,
+                    generation,
                     seqs,
                     publishes: count,
                     revision: Ok(Some(revision)),
@@ -292,6 +307,7 @@ impl Pipeline {
                 }
                 Written {
                     partition,
+                    generation,
                     seqs,
                     publishes: count,
                     revision: Ok(None),
@@ -314,6 +330,27 @@ async fn confirm_all(js: &jetstream::Context, publishes: Vec<(String, PublishMes
     }
 }
 
+/// A bundle message, before it becomes a publish.
+struct Bundle {
+    subject: String,
+    id: String,
+    tasks: usize,
+    /// The tasks as a JSON array.
+    payload: Vec<u8>,
+}
+
+impl Bundle {
+    fn publish(self) -> (String, PublishMessage) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(BUNDLE_HEADER, self.tasks.to_string().as_str());
+        let publish = PublishMessage::build()
+            .payload(self.payload.into())
+            .headers(headers)
+            .message_id(self.id);
+        (self.subject, publish)
+    }
+}
+
 /// A bundled round's messages: per task subject, its tasks in log order (split by
 /// [`MAX_BUNDLE_BYTES`]), with ids from the round's first sequence, so forming the same round
 /// again writes nothing twice; and the round's other writes as they are.
@@ -321,8 +358,8 @@ fn bundles(
     partition: u16,
     bounds: partitions::Round,
     round: Vec<Routing>,
-) -> Vec<(String, PublishMessage)> {
-    let mut out = Vec::new();
+) -> (Vec<Bundle>, Vec<(String, PublishMessage)>) {
+    let mut others = Vec::new();
     let mut by_subject: BTreeMap<String, Vec<bytes::Bytes>> = BTreeMap::new();
     for write in round.into_iter().flat_map(|r| r.writes) {
         match write {
@@ -330,9 +367,10 @@ fn bundles(
                 .entry(task.subject())
                 .or_default()
                 .push(task.to_json_bytes()),
-            Write::Other(subject, publish) => out.push((subject, publish)),
+            Write::Other(subject, publish) => others.push((subject, publish)),
         }
     }
+    let mut out = Vec::new();
     for (subject, tasks) in by_subject {
         let mut chunks: Vec<Vec<bytes::Bytes>> = vec![Vec::new()];
         let mut size = 0;
@@ -356,19 +394,15 @@ fn bundles(
                 payload.extend_from_slice(task);
             }
             payload.push(b']');
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(BUNDLE_HEADER, chunk.len().to_string().as_str());
-            let id = format!("bundle:{partition}:{}:{subject}:{part}", bounds.from);
-            out.push((
-                subject.clone(),
-                PublishMessage::build()
-                    .payload(payload.into())
-                    .headers(headers)
-                    .message_id(id),
-            ));
+            out.push(Bundle {
+                id: format!("bundle:{partition}:{}:{subject}:{part}", bounds.from),
+                subject: subject.clone(),
+                tasks: chunk.len(),
+                payload,
+            });
         }
     }
-    out
+    (out, others)
 }
 
 /// Announces a bundled round in `round.<p>`: a compare-and-set on the revision this replica
@@ -990,4 +1024,73 @@ fn ingest_dead_letter(err: &IngestError, msg: &StoredMessage<'_>) -> DeadLetter 
     };
     dead.set_original_payload(msg.payload);
     dead
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grizzly_shared::Priority;
+
+    fn task_of(n: u64, data_bytes: usize) -> Write {
+        let subject = EventSubject::new("acct", format!("a{}", n % 3), "op").unwrap();
+        let event = EventEnvelope::new(
+            &subject,
+            "test",
+            serde_json::json!({"n": n, "pad": "x".repeat(data_bytes)}),
+        );
+        Write::Task(Box::new(Task::new("h", 1, n, 1, Priority::Normal, event)))
+    }
+
+    fn round(sizes: &[usize]) -> Vec<Routing> {
+        (0u64..)
+            .zip(sizes)
+            .map(|(i, size)| Routing {
+                seq: 10 + i,
+                writes: vec![task_of(10 + i, *size)],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_round_becomes_one_bundle_per_subject_with_ids_from_its_first_sequence() {
+        let bounds = partitions::Round { from: 10, to: 12 };
+        let mut events = round(&[10, 10, 10]);
+        events[1].writes.push(Write::Other(
+            "dlq._ingest".into(),
+            PublishMessage::build().message_id("ingest:11"),
+        ));
+        let (out, others) = bundles(0, bounds, events);
+        assert_eq!(others.len(), 1, "the dead letter keeps its own message");
+        assert_eq!(out.len(), 1);
+        let bundle = &out[0];
+        assert_eq!(bundle.id, "bundle:0:10:tasks.h.0:0");
+        assert_eq!(bundle.subject, "tasks.h.0");
+        assert_eq!(bundle.tasks, 3);
+        let tasks: Vec<Task> = serde_json::from_slice(&bundle.payload).unwrap();
+        let seqs: Vec<u64> = tasks.iter().map(|t| t.event_seq).collect();
+        assert_eq!(seqs, [10, 11, 12], "in log order");
+    }
+
+    #[test]
+    fn a_large_round_is_split_the_same_way_every_time() {
+        let bounds = partitions::Round { from: 10, to: 14 };
+        let sizes = [100_000, 100_000, 100_000, 10, 100_000];
+        let ids = |b: &[Bundle]| b.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+        let (first, _) = bundles(0, bounds, round(&sizes));
+        let (again, _) = bundles(0, bounds, round(&sizes));
+        assert_eq!(ids(&first), ids(&again));
+        // 200 kB, then 200 kB: a third 100 kB task would pass 256 KiB.
+        assert_eq!(first.len(), 2, "{:?}", ids(&first));
+        for b in &first {
+            assert!(b.payload.len() <= MAX_BUNDLE_BYTES + 1024);
+            assert_eq!(
+                b.tasks,
+                serde_json::from_slice::<Vec<Task>>(&b.payload)
+                    .unwrap()
+                    .len()
+            );
+        }
+        let total: usize = first.iter().map(|b| b.tasks).sum();
+        assert_eq!(total, 5, "no task lost or repeated");
+    }
 }

@@ -3,7 +3,7 @@
 //! | stream | subjects | retention | role |
 //! |---|---|---|---|
 //! | `EVENTS` | `events.>` | limits, discard new | the system of record |
-//! | `TASKS` | `tasks.>` | work queue | routed work, one message per (event, handler) |
+//! | `TASKS` | `tasks.>` | work queue | routed work, one message per (event, handler), or a bundle of them |
 //! | `DLQ` | `dlq.>` | limits, discard new | dead letters |
 //!
 //! KV bucket `grizzly_leases` holds partition leases (which worker consumes which task partition,

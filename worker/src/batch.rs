@@ -279,7 +279,7 @@ pub(crate) async fn execute_batch(
                         Default::default(),
                     )
                     .await;
-                    write_dead_letter(ctx, env, msg, task, delivery, &error, history.clone()).await;
+                    write_dead_letter(ctx, env, msg, task, &error, history.clone()).await;
                 }
                 ack_all(&msgs).await;
                 return;
@@ -410,15 +410,7 @@ pub(crate) async fn execute_batch(
                 } else {
                     info!(handler = %ctx.name(), batch = %input.id, size, "dead-lettering every event of the batch");
                     futures::future::join_all(input.tasks.iter().enumerate().map(|(i, task)| {
-                        write_dead_letter(
-                            ctx,
-                            env,
-                            &msgs[i],
-                            task,
-                            deliveries[i],
-                            &error,
-                            history.clone(),
-                        )
+                        write_dead_letter(ctx, env, &msgs[i], task, &error, history.clone())
                     }))
                     .await;
                 }

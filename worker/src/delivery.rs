@@ -89,6 +89,10 @@ impl Delivery {
             .is_some_and(|(b, _)| b.started.load(Ordering::Relaxed))
     }
 
+    pub(crate) fn is_bundled(&self) -> bool {
+        self.bundle.is_some()
+    }
+
     /// Whether nothing of the message is left to do (its bundle, if any, can be forgotten).
     pub(crate) fn settled(&self) -> bool {
         self.bundle.as_ref().is_none_or(|(b, _)| b.all_done())

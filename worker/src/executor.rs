@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 use backon::BackoffBuilder;
 use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
@@ -141,7 +140,7 @@ pub(crate) async fn execute(
                     error: error.to_string(),
                     at: now_rfc3339(),
                 }];
-                write_dead_letter(ctx, env, &msg, &task, delivery, &error, history).await;
+                write_dead_letter(ctx, env, &msg, &task, &error, history).await;
                 if let Err(e) = msg.ack().await {
                     warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
                 }
@@ -241,16 +240,8 @@ pub(crate) async fn execute(
                 if will_retry {
                     tokio::time::sleep(delays.next().unwrap_or(spec.retry.max_backoff)).await;
                 } else {
-                    write_dead_letter(
-                        ctx,
-                        env,
-                        &msg,
-                        &task,
-                        delivery,
-                        &error,
-                        std::mem::take(&mut history),
-                    )
-                    .await;
+                    write_dead_letter(ctx, env, &msg, &task, &error, std::mem::take(&mut history))
+                        .await;
                 }
             }
         }
@@ -434,9 +425,8 @@ pub(crate) async fn write_failure(
 pub(crate) async fn write_dead_letter(
     ctx: &HandlerContext,
     env: &ExecutionEnv,
-    msg: &jetstream::Message,
+    msg: &Delivery,
     task: &Task,
-    delivery: u32,
     error: &InvokeError,
     history: Vec<AttemptError>,
 ) {
@@ -452,7 +442,11 @@ pub(crate) async fn write_dead_letter(
             .subject()
             .map(|s| s.to_string())
             .unwrap_or_default(),
-        original_headers: headers_to_map(msg.headers.as_ref()),
+        // A bundle's headers describe the bundle, not this task.
+        original_headers: match msg.is_bundled() {
+            false => headers_to_map(msg.headers.as_ref()),
+            true => Default::default(),
+        },
         original_payload: None,
         original_payload_base64: None,
         event_seq: Some(task.event_seq),
@@ -464,7 +458,9 @@ pub(crate) async fn write_dead_letter(
     metrics().events_out(EventsOut::DeadLetter, 1);
     let publish = PublishMessage::build()
         .payload(dead.to_json_bytes())
-        .message_id(format!("dlq:{}:{delivery}", task.msg_id()));
+        // One dead letter per task, however often it was delivered: a bundle half done when its
+        // worker died is delivered again whole (a redrive has its own task id).
+        .message_id(format!("dlq:{}", task.msg_id()));
     publish_confirmed(&env.nats.js, &dlq_subject(ctx.name()), publish, None).await;
 }
 
