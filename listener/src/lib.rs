@@ -700,6 +700,7 @@ impl Listener {
                 progress: progress.clone(),
                 changes: changes_tx,
                 fence: fence.clone(),
+                written: Default::default(),
             }
             .run(stop_manager.clone()),
         ));

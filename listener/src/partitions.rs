@@ -101,6 +101,9 @@ pub struct Manager {
     /// Until when this replica's leases are surely its own: the routing loop writes nothing
     /// past it (a replica stopped past its lease must not write what it read after resuming).
     pub fence: grizzly_shared::nats::LeaseFence,
+    /// The cursor last written per partition: an unchanged one is not written again (an idle
+    /// replica wrote every cursor every round, a synced write each).
+    pub written: Mutex<HashMap<u16, u64>>,
 }
 
 fn lease_key(partition: u16) -> String {
@@ -230,6 +233,8 @@ impl Manager {
             };
             // Everything before an announced round was confirmed before it was announced.
             let from = claim.announced.map_or(from, |round| round.from);
+            // Another replica may have written the cursor since we last did.
+            self.written.lock().expect("written").remove(&partition);
             info!(listener = %self.id, partition, from, ?claim, "routing partition");
             owned.insert(partition, revision);
             self.progress
@@ -340,12 +345,23 @@ impl Manager {
                 .collect()
         };
         for (partition, cursor) in now {
-            if let Err(e) = self
+            if self.written.lock().expect("written").get(&partition) == Some(&cursor) {
+                continue;
+            }
+            match self
                 .cursors
                 .put(cursor_key(partition), cursor.to_string().into())
                 .await
             {
-                warn!(partition, error = %e, "cannot write the cursor; retrying next round");
+                Ok(_) => {
+                    self.written
+                        .lock()
+                        .expect("written")
+                        .insert(partition, cursor);
+                }
+                Err(e) => {
+                    warn!(partition, error = %e, "cannot write the cursor; retrying next round")
+                }
             }
         }
     }

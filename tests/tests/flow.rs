@@ -289,10 +289,10 @@ async fn listener_replicas_share_partitions_and_a_killed_ones_move_without_loss_
         .filter(|(_, o)| **o == victim)
         .map(|(p, _)| *p)
         .collect();
-    let cursors = env
+    let leases = env
         .nats
         .js
-        .get_key_value(grizzly_shared::nats::CURSORS_BUCKET)
+        .get_key_value(grizzly_shared::nats::LEASES_BUCKET)
         .await?;
     let mut tasks = env.nats.js.get_stream(TASKS_STREAM).await?;
     let mut config = tasks.info().await?.config.clone();
@@ -300,9 +300,9 @@ async fn listener_replicas_share_partitions_and_a_killed_ones_move_without_loss_
     config.max_bytes = 1;
     env.nats.js.update_stream(&config).await?;
     publish(100..200).await?;
-    // Two cursor writes of the victim's after the publish: it has had a lease round to read
-    // them (its cursor cannot pass them: nothing is confirmed).
-    let mut revisions = cursors.watch("cursor.0").await?;
+    // Two heartbeats of the victim's after the publish: it has had a lease round to read them
+    // (its cursor cannot pass them: nothing is confirmed).
+    let mut revisions = leases.watch(format!("listener.{victim}")).await?;
     for _ in 0..2 {
         tokio::time::timeout(DEADLINE, revisions.next())
             .await?
