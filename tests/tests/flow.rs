@@ -499,31 +499,24 @@ async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() 
     Ok(())
 }
 
-/// Under a backlog the listener writes a partition's events in bundles: one `TASKS` message
-/// per handler partition and round, announced in `round.<p>` first. A router that takes the
-/// partition over from an older cursor forms the announced round again exactly, so the broker
-/// drops every copy; every task runs once, in order per aggregate.
-#[tokio::test]
-async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -> anyhow::Result<()>
-{
-    let env = TestEnv::start().await?;
-    handler(&env, "bulk", "events.acct.*.op", "concurrency: 8");
-    let listener = env.start_listener().await?;
-    env.listeners_spread(1, DEADLINE).await?;
-    let js = env.nats.js.clone();
+/// Publishes `count` events over 20 accounts while `TASKS` refuses every write, waits until the
+/// listener has read them all, then lets `TASKS` take writes again: each partition's first round
+/// waited meanwhile, and everything after it piled up behind it — a backlog, in bundles.
+async fn publish_behind_full_tasks(
+    env: &TestEnv,
+    count: u64,
+    data: impl Fn(u64) -> serde_json::Value,
+) -> anyhow::Result<()> {
+    let js = &env.nats.js;
     let mut tasks = js.get_stream(TASKS_STREAM).await?;
-    let before = tasks.info().await?.state.last_sequence;
-
-    // TASKS refuses every write: each partition's first round waits, the rest piles up behind
-    // it until every event is read.
     let mut config = tasks.info().await?.config.clone();
     let room = config.max_bytes;
     config.max_bytes = 1;
     js.update_stream(&config).await?;
-    for n in 0..400u64 {
+    for n in 0..count {
         js.publish(
             format!("events.acct.a{}.op", n % 20),
-            json!({"n": n}).to_string().into(),
+            data(n).to_string().into(),
         )
         .await?;
     }
@@ -547,6 +540,24 @@ async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -
     }
     config.max_bytes = room;
     js.update_stream(&config).await?;
+    Ok(())
+}
+
+/// Under a backlog the listener writes a partition's events in bundles: one `TASKS` message
+/// per handler partition and round, announced in `round.<p>` first. A router that takes the
+/// partition over from an older cursor forms the announced round again exactly, so the broker
+/// drops every copy; every task runs once, in order per aggregate.
+#[tokio::test]
+async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -> anyhow::Result<()>
+{
+    let env = TestEnv::start().await?;
+    handler(&env, "bulk", "events.acct.*.op", "concurrency: 8");
+    let listener = env.start_listener().await?;
+    env.listeners_spread(1, DEADLINE).await?;
+    let js = env.nats.js.clone();
+    let mut tasks = js.get_stream(TASKS_STREAM).await?;
+    let before = tasks.info().await?.state.last_sequence;
+    publish_behind_full_tasks(&env, 400, |n| json!({"n": n})).await?;
     let _worker = env.start_worker().await?;
     let mut watch = env.watch().await?;
     watch
@@ -660,22 +671,7 @@ for line in sys.stdin:
         env.start_worker_with(s)
     };
     let _w1 = worker("w1").await?;
-    let js = env.nats.js.clone();
-    let tasks = js.get_stream(TASKS_STREAM).await?;
-    let mut config = tasks.cached_info().config.clone();
-    let room = config.max_bytes;
-    config.max_bytes = 1;
-    js.update_stream(&config).await?;
-    for n in 0..200u64 {
-        js.publish(
-            format!("events.acct.a{}.op", n % 20),
-            json!({"n": n, "sleep": 0.02}).to_string().into(),
-        )
-        .await?;
-    }
-    js.wait_for_acks().await;
-    config.max_bytes = room;
-    js.update_stream(&config).await?;
+    publish_behind_full_tasks(&env, 200, |n| json!({"n": n, "sleep": 0.02})).await?;
     let mut watch = env.watch().await?;
     watch
         .wait_for_type("handler_succeeded", 10, DEADLINE)
