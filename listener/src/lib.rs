@@ -89,8 +89,9 @@ const OUTCOME_TYPES: [&str; 3] = ["handler_succeeded", "handler_failed", "handle
 
 /// What routing one event writes.
 enum Write {
-    /// A task: alone in its message (id per event), or in a bundle of its round.
-    Task(Box<Task>),
+    /// A task: alone in its message (id per event), or in a bundle of its round unless its
+    /// handler's tasks always go `alone` (see [`Route::alone`]).
+    Task { task: Box<Task>, alone: bool },
     /// Anything else (a dead letter, a skip record): its own message, id and subject.
     Other(String, PublishMessage),
 }
@@ -260,9 +261,13 @@ impl Pipeline {
                 from: first,
                 to: last,
             });
-            let (bundled, mut publishes) = bundles(partition, bounds, round);
-            publishes.extend(bundled.into_iter().map(Bundle::publish));
-            let count = publishes.len();
+            let Bundled {
+                bundles,
+                mut publishes,
+                alone,
+            } = bundles(partition, bounds, round);
+            publishes.extend(bundles.into_iter().map(Bundle::publish));
+            let count = publishes.len() + alone.len();
             self.outstanding += count;
             let (rounds, revision) = (rounds.clone(), part.claim.revision);
             let announcement = partitions::Announcement {
@@ -281,6 +286,10 @@ impl Pipeline {
                     };
                 };
                 confirm_all(&js, publishes).await;
+                // One after another: an aggregate's tasks land in log order.
+                for publish in alone {
+                    confirm_all(&js, vec![publish]).await;
+                }
                 Written {
                     partition,
                     generation,
@@ -295,12 +304,7 @@ impl Pipeline {
             Box::pin(async move {
                 for routing in round {
                     let publishes = routing.writes.into_iter().map(|w| match w {
-                        Write::Task(task) => (
-                            task.subject(),
-                            PublishMessage::build()
-                                .payload(task.to_json_bytes())
-                                .message_id(task.msg_id()),
-                        ),
+                        Write::Task { task, .. } => single(&task),
                         Write::Other(subject, publish) => (subject, publish),
                     });
                     confirm_all(&js, publishes.collect()).await;
@@ -351,23 +355,39 @@ impl Bundle {
     }
 }
 
+/// A task in a message of its own, with the id derived from its event.
+fn single(task: &Task) -> (String, PublishMessage) {
+    let publish = PublishMessage::build()
+        .payload(task.to_json_bytes())
+        .message_id(task.msg_id());
+    (task.subject(), publish)
+}
+
+/// What a bundled round writes.
+struct Bundled {
+    bundles: Vec<Bundle>,
+    /// Dead letters and skip records, each with its own id.
+    publishes: Vec<(String, PublishMessage)>,
+    /// Tasks that go alone, in log order.
+    alone: Vec<(String, PublishMessage)>,
+}
+
 /// A bundled round's messages: per task subject, its tasks in log order (split by
 /// [`MAX_BUNDLE_BYTES`]), with ids from the round's first sequence, so forming the same round
-/// again writes nothing twice; and the round's other writes as they are.
-fn bundles(
-    partition: u16,
-    bounds: partitions::Round,
-    round: Vec<Routing>,
-) -> (Vec<Bundle>, Vec<(String, PublishMessage)>) {
-    let mut others = Vec::new();
+/// again writes nothing twice; the tasks that go alone, and the round's other writes, as they
+/// are.
+fn bundles(partition: u16, bounds: partitions::Round, round: Vec<Routing>) -> Bundled {
+    let mut publishes = Vec::new();
+    let mut alone = Vec::new();
     let mut by_subject: BTreeMap<String, Vec<bytes::Bytes>> = BTreeMap::new();
     for write in round.into_iter().flat_map(|r| r.writes) {
         match write {
-            Write::Task(task) => by_subject
+            Write::Task { task, alone: true } => alone.push(single(&task)),
+            Write::Task { task, .. } => by_subject
                 .entry(task.subject())
                 .or_default()
                 .push(task.to_json_bytes()),
-            Write::Other(subject, publish) => others.push((subject, publish)),
+            Write::Other(subject, publish) => publishes.push((subject, publish)),
         }
     }
     let mut out = Vec::new();
@@ -402,7 +422,11 @@ fn bundles(
             });
         }
     }
-    (out, others)
+    Bundled {
+        bundles: out,
+        publishes,
+        alone,
+    }
 }
 
 /// Announces a bundled round in `round.<p>`: a compare-and-set on the revision this replica
@@ -489,6 +513,10 @@ pub struct Route {
     pub patterns: Vec<String>,
     pub priority: grizzly_shared::Priority,
     pub capabilities: Vec<String>,
+    /// Its tasks never go in a bundle: `claude` handlers. A worker that dies with a bundle half
+    /// done re-runs the done part, and re-run turns cost far more (and may act twice) than the
+    /// writes a bundle saves at the few turns a second a handler like that runs.
+    pub alone: bool,
 }
 
 impl Route {
@@ -525,6 +553,7 @@ impl RouteTable {
                     patterns: h.spec.on.clone(),
                     priority: h.spec.priority,
                     capabilities: h.spec.capabilities.clone(),
+                    alone: h.spec.kind == grizzly_shared::handler::HandlerKind::Claude,
                 })
                 .collect(),
         }
@@ -990,7 +1019,10 @@ impl Listener {
                         .max(debounced);
                     debug!(handler = %task.handler, event = %event.id, "routing");
                     metrics().event_routed(&task.handler);
-                    out.push(Write::Task(Box::new(task)));
+                    out.push(Write::Task {
+                        task: Box::new(task),
+                        alone: route.alone,
+                    });
                 }
             }
             Err(err) => {
@@ -1039,7 +1071,10 @@ mod tests {
             "test",
             serde_json::json!({"n": n, "pad": "x".repeat(data_bytes)}),
         );
-        Write::Task(Box::new(Task::new("h", 1, n, 1, Priority::Normal, event)))
+        Write::Task {
+            task: Box::new(Task::new("h", 1, n, 1, Priority::Normal, event)),
+            alone: false,
+        }
     }
 
     fn round(sizes: &[usize]) -> Vec<Routing> {
@@ -1060,8 +1095,13 @@ mod tests {
             "dlq._ingest".into(),
             PublishMessage::build().message_id("ingest:11"),
         ));
-        let (out, others) = bundles(0, bounds, events);
+        let Bundled {
+            bundles: out,
+            publishes: others,
+            alone,
+        } = bundles(0, bounds, events);
         assert_eq!(others.len(), 1, "the dead letter keeps its own message");
+        assert!(alone.is_empty());
         assert_eq!(out.len(), 1);
         let bundle = &out[0];
         assert_eq!(bundle.id, "bundle:0:10:tasks.h.0:0");
@@ -1077,8 +1117,8 @@ mod tests {
         let bounds = partitions::Round { from: 10, to: 14 };
         let sizes = [100_000, 100_000, 100_000, 10, 100_000];
         let ids = |b: &[Bundle]| b.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
-        let (first, _) = bundles(0, bounds, round(&sizes));
-        let (again, _) = bundles(0, bounds, round(&sizes));
+        let first = bundles(0, bounds, round(&sizes)).bundles;
+        let again = bundles(0, bounds, round(&sizes)).bundles;
         assert_eq!(ids(&first), ids(&again));
         // 200 kB, then 200 kB: a third 100 kB task would pass 256 KiB.
         assert_eq!(first.len(), 2, "{:?}", ids(&first));
@@ -1093,5 +1133,25 @@ mod tests {
         }
         let total: usize = first.iter().map(|b| b.tasks).sum();
         assert_eq!(total, 5, "no task lost or repeated");
+    }
+
+    #[test]
+    fn tasks_of_a_claude_handler_go_alone_in_log_order_even_in_a_bundled_round() {
+        let mut events = round(&[10, 10, 10]);
+        for routing in &mut events {
+            for write in &mut routing.writes {
+                if let Write::Task { alone, .. } = write {
+                    *alone = routing.seq != 11;
+                }
+            }
+        }
+        let out = bundles(0, partitions::Round { from: 10, to: 12 }, events);
+        assert_eq!(out.bundles.len(), 1);
+        assert_eq!(
+            out.bundles[0].tasks, 1,
+            "only the task of event 11 is bundled"
+        );
+        assert_eq!(out.alone.len(), 2);
+        assert!(out.alone.iter().all(|(subject, _)| subject == "tasks.h.0"));
     }
 }
