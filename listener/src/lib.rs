@@ -256,7 +256,9 @@ impl Pipeline {
         let seqs: Vec<u64> = round.iter().map(|r| r.seq).collect();
         let generation = part.generation;
         let js = js.clone();
-        let future: BoxFuture<'static, Written> = if bundled {
+        // The revision after the round's announcement, if any; `Err` when fenced off.
+        let (publishes, writing): (usize, BoxFuture<'static, Result<Option<u64>, ()>>) = if bundled
+        {
             let bounds = announced.unwrap_or(partitions::Round {
                 from: first,
                 to: last,
@@ -268,40 +270,24 @@ impl Pipeline {
             } = bundles(partition, bounds, round);
             publishes.extend(bundles.into_iter().map(Bundle::publish));
             let count = publishes.len() + alone.len();
-            self.outstanding += count;
             let (rounds, revision) = (rounds.clone(), part.claim.revision);
             let announcement = partitions::Announcement {
                 round: Some(bounds),
                 by: self.id.clone(),
             };
-            Box::pin(async move {
-                let Ok(revision) = announce(&rounds, partition, announcement, revision).await
-                else {
-                    return Written {
-                        partition,
-                        generation,
-                        seqs,
-                        publishes: count,
-                        revision: Err(()),
-                    };
-                };
+            let writing = async move {
+                let revision = announce(&rounds, partition, announcement, revision).await?;
                 confirm_all(&js, publishes).await;
                 // One after another: an aggregate's tasks land in log order.
                 for publish in alone {
                     confirm_all(&js, vec![publish]).await;
                 }
-                Written {
-                    partition,
-                    generation,
-                    seqs,
-                    publishes: count,
-                    revision: Ok(Some(revision)),
-                }
-            })
+                Ok(Some(revision))
+            };
+            (count, Box::pin(writing))
         } else {
             let count = round.iter().map(|r| r.writes.len()).sum();
-            self.outstanding += count;
-            Box::pin(async move {
+            let writing = async move {
                 for routing in round {
                     let publishes = routing.writes.into_iter().map(|w| match w {
                         Write::Task { task, .. } => single(&task),
@@ -309,16 +295,20 @@ impl Pipeline {
                     });
                     confirm_all(&js, publishes.collect()).await;
                 }
-                Written {
-                    partition,
-                    generation,
-                    seqs,
-                    publishes: count,
-                    revision: Ok(None),
-                }
-            })
+                Ok(None)
+            };
+            (count, Box::pin(writing))
         };
-        self.in_flight.push(future);
+        self.outstanding += publishes;
+        self.in_flight.push(Box::pin(async move {
+            Written {
+                partition,
+                generation,
+                seqs,
+                publishes,
+                revision: writing.await,
+            }
+        }));
     }
 }
 
@@ -392,16 +382,15 @@ fn bundles(partition: u16, bounds: partitions::Round, round: Vec<Routing>) -> Bu
     }
     let mut out = Vec::new();
     for (subject, tasks) in by_subject {
-        let mut chunks: Vec<Vec<bytes::Bytes>> = vec![Vec::new()];
+        let mut chunks: Vec<Vec<bytes::Bytes>> = Vec::new();
         let mut size = 0;
         for task in tasks {
-            let chunk = chunks.last_mut().expect("never empty");
-            if !chunk.is_empty() && size + task.len() > MAX_BUNDLE_BYTES {
+            if chunks.is_empty() || size + task.len() > MAX_BUNDLE_BYTES {
                 chunks.push(Vec::new());
                 size = 0;
             }
             size += task.len() + 1;
-            chunks.last_mut().expect("never empty").push(task);
+            chunks.last_mut().expect("pushed above").push(task);
         }
         for (part, chunk) in chunks.into_iter().enumerate() {
             let mut payload =
@@ -775,7 +764,8 @@ impl Listener {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(change) = changes.recv() => match change {
-                    partitions::Change::Acquired { partition, from, claim } => {
+                    partitions::Change::Acquired { partition, claim } => {
+                        let from = claim.from;
                         let first = owned.next.is_empty();
                         owned.next.insert(partition, from);
                         pipeline.claimed(partition, claim);

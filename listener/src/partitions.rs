@@ -57,6 +57,9 @@ impl Announcement {
 /// What claiming a partition found in, and did to, `round.<p>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim {
+    /// Where routing starts: the announced round's first event (everything before it was
+    /// confirmed before it was announced), else the cursor.
+    pub from: u64,
     /// Revision of `round.<p>` after the claim rewrote it: the base of the next announcement.
     pub revision: u64,
     /// The last round announced, if it may not be confirmed yet (it reaches the cursor): to
@@ -70,12 +73,8 @@ pub struct Claim {
 /// What the manager tells the routing loop.
 #[derive(Debug)]
 pub enum Change {
-    /// Route `partition` from stream sequence `from` on.
-    Acquired {
-        partition: u16,
-        from: u64,
-        claim: Claim,
-    },
+    /// Route `partition` from `claim.from` on.
+    Acquired { partition: u16, claim: Claim },
     /// Stop routing `partition` now and answer with its cursor.
     Release {
         partition: u16,
@@ -231,8 +230,7 @@ impl Manager {
                     continue;
                 }
             };
-            // Everything before an announced round was confirmed before it was announced.
-            let from = claim.announced.map_or(from, |round| round.from);
+            let from = claim.from;
             // Another replica may have written the cursor since we last did.
             self.written.lock().expect("written").remove(&partition);
             info!(listener = %self.id, partition, from, ?claim, "routing partition");
@@ -241,11 +239,7 @@ impl Manager {
                 .lock()
                 .expect("progress")
                 .insert(partition, from);
-            let _ = self.changes.send(Change::Acquired {
-                partition,
-                from,
-                claim,
-            });
+            let _ = self.changes.send(Change::Acquired { partition, claim });
         }
         Ok(())
     }
@@ -275,12 +269,7 @@ impl Manager {
             warn!(partition, error = %e, "cannot write the cursor; keeping the lease");
             match self.claim(partition, cursor).await {
                 Ok(claim) => {
-                    let from = claim.announced.map_or(cursor, |round| round.from);
-                    let _ = self.changes.send(Change::Acquired {
-                        partition,
-                        from,
-                        claim,
-                    });
+                    let _ = self.changes.send(Change::Acquired { partition, claim });
                 }
                 // Routed by no one until the lease expires and a replica claims it.
                 Err(e) => warn!(partition, error = %e, "cannot claim the partition again"),
@@ -296,8 +285,8 @@ impl Manager {
         info!(listener = %self.id, partition, cursor, "released partition to rebalance");
     }
 
-    /// Reads the partition's last announced round and rewrites it unchanged (a new revision
-    /// fences the previous router, see the module docs); notes the end of the log.
+    /// Reads the partition's last announced round and rewrites it with this replica's id (a
+    /// new revision fences the previous router, see the module docs); notes the end of the log.
     async fn claim(&self, partition: u16, cursor: u64) -> anyhow::Result<Claim> {
         let singles_to = self.events.get_info().await?.state.last_sequence;
         let key = round_key(partition);
@@ -316,6 +305,7 @@ impl Manager {
         };
         let announced = round.filter(|round| round.to >= cursor);
         Ok(Claim {
+            from: announced.map_or(cursor, |round| round.from),
             revision,
             announced,
             singles_to,
