@@ -469,6 +469,15 @@ struct Owned {
     read_to: u64,
 }
 
+/// Rendezvous (highest random weight) hashing: the route scoring highest for `key`. Stable for
+/// a key while the candidates stay; a candidate coming or going moves only the keys it wins or
+/// won, and keys spread evenly over the candidates.
+fn rendezvous<'a>(candidates: Vec<&'a Route>, key: &str) -> Option<&'a Route> {
+    candidates
+        .into_iter()
+        .max_by_key(|r| grizzly_shared::ids::stable_hash(&format!("{key}\u{0}{}", r.handler)))
+}
+
 impl Owned {
     /// The partition of an event: its aggregate's, from the subject (`events.<type>.<id>.<event>`,
     /// the same partition its tasks go to). A malformed subject (dead-lettered) hashes whole.
@@ -594,7 +603,6 @@ pub struct Listener {
     routes: RouteTable,
     flow: flow::FlowControl,
     health: Arc<std::sync::RwLock<health::HandlerHealth>>,
-    round_robin: std::sync::atomic::AtomicUsize,
 }
 
 impl Listener {
@@ -607,13 +615,15 @@ impl Listener {
             files: handlers.to_vec(),
             routes: RouteTable::from_handlers(handlers),
             health: Default::default(),
-            round_robin: Default::default(),
         })
     }
 
-    /// One handler with `capability`: healthy ones first (spreading load round-robin); when
-    /// none is healthy, any of them (its tasks wait in `TASKS` until a worker serves it).
-    fn pick_capable<'a>(&'a self, capability: &'a str) -> Option<&'a Route> {
+    /// One handler with `capability` for an event of `aggregate`: among the healthy ones (when
+    /// none is healthy, any of them: its tasks wait in `TASKS` until a worker serves it), the
+    /// one [`rendezvous`] picks. Not a counter: a successor routing an event again after a
+    /// take-over must pick the handler the first router did (same task id, so the broker drops
+    /// the copy), and an aggregate's requests stay with one handler, in order.
+    fn pick_capable<'a>(&'a self, capability: &'a str, aggregate: &str) -> Option<&'a Route> {
         let capable: Vec<&Route> = self.routes.with_capability(capability).collect();
         let health = self.health.read().expect("health lock");
         let healthy: Vec<&Route> = capable
@@ -621,15 +631,8 @@ impl Listener {
             .copied()
             .filter(|r| health.is_healthy(&r.handler))
             .collect();
-        let pool = if healthy.is_empty() {
-            &capable
-        } else {
-            &healthy
-        };
-        let n = self
-            .round_robin
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        pool.get(n % pool.len().max(1)).copied()
+        let pool = if healthy.is_empty() { capable } else { healthy };
+        rendezvous(pool, aggregate)
     }
 
     /// Routes to what the registry says now: the version new events go to, per handler. A
@@ -928,7 +931,7 @@ impl Listener {
                 let mut targets: Vec<&Route> =
                     self.routes.matching(msg.subject.as_str(), &event).collect();
                 if let Some(capability) = &event.capability {
-                    match self.pick_capable(capability) {
+                    match self.pick_capable(capability, &event.aggregate_key()) {
                         Some(route) if !targets.iter().any(|t| t.handler == route.handler) => {
                             targets.push(route)
                         }
@@ -1065,6 +1068,41 @@ mod tests {
             task: Box::new(Task::new("h", 1, n, 1, Priority::Normal, event)),
             alone: false,
         }
+    }
+
+    fn route(handler: &str) -> Route {
+        Route {
+            handler: handler.into(),
+            version: 1,
+            patterns: vec![],
+            priority: Priority::Normal,
+            capabilities: vec!["c".into()],
+            alone: false,
+        }
+    }
+
+    #[test]
+    fn a_capability_request_goes_where_its_aggregate_hashes_whoever_routes_it() {
+        let (a, b, c) = (route("alpha"), route("beta"), route("gamma"));
+        let pick = |candidates: Vec<&Route>, key: &str| {
+            rendezvous(candidates, key).map(|r| r.handler.clone())
+        };
+        assert_eq!(pick(vec![], "k"), None);
+        let mut alpha = 0;
+        for n in 0..1000 {
+            let key = format!("req/r{n}");
+            let first = pick(vec![&a, &b], &key).unwrap();
+            // Another router (another order of the same candidates) picks the same.
+            assert_eq!(pick(vec![&b, &a], &key).unwrap(), first);
+            alpha += usize::from(first == "alpha");
+            // A third candidate takes keys only for itself: the others' keys do not move.
+            let with_gamma = pick(vec![&a, &b, &c], &key).unwrap();
+            assert!(with_gamma == first || with_gamma == "gamma", "{key} moved");
+        }
+        assert!(
+            (400..=600).contains(&alpha),
+            "uneven spread: {alpha} of 1000"
+        );
     }
 
     fn round(sizes: &[usize]) -> Vec<Routing> {

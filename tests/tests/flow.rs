@@ -410,7 +410,7 @@ async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _listener = env.start_listener().await?;
+    let listener = env.start_listener().await?;
     let mut watch = env.watch().await?;
     let mut dlq = env.watch_dlq().await?;
     let ask = |capability: &'static str, n: usize| {
@@ -480,6 +480,16 @@ async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() 
             .await?;
     }
     let before = by_handler(&watch.seen);
+    let spread_from = env
+        .nats
+        .js
+        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence
+        + 1;
     for n in 1000..1020 {
         ask("summarize", n).await?;
     }
@@ -496,7 +506,63 @@ async fn capability_requests_go_only_to_qualified_healthy_handlers_and_spread() 
         alpha >= 5 && beta >= 5,
         "load not spread: alpha {alpha}, beta {beta}"
     );
+
+    // A successor routing those requests again (the old router's cursors lost) picks the same
+    // handler for each: the broker drops every task as a copy, none runs twice.
+    let mut tasks = env.nats.js.get_stream(TASKS_STREAM).await?;
+    let written = tasks.info().await?.state.last_sequence;
+    let _successor = route_again_from(&env, listener, spread_from).await?;
+    assert_eq!(
+        tasks.info().await?.state.last_sequence,
+        written,
+        "the successor wrote tasks again"
+    );
     Ok(())
+}
+
+/// Stops `listener`, turns every partition's cursor back to `from`, and starts a successor that
+/// routes from there: it returns once the successor has routed to the end of the log.
+async fn route_again_from(
+    env: &TestEnv,
+    listener: grizzly_tests::Component,
+    from: u64,
+) -> anyhow::Result<grizzly_tests::Component> {
+    let js = &env.nats.js;
+    listener.shutdown().await?;
+    let cursors = js
+        .get_key_value(grizzly_shared::nats::CURSORS_BUCKET)
+        .await?;
+    for p in 0..env.settings.partitions {
+        cursors
+            .put(format!("cursor.{p}"), from.to_string().into())
+            .await?;
+    }
+    let mut settings = env.settings.clone();
+    settings.listener.id = Some("successor".into());
+    let successor = env.start_listener_with(settings).await?;
+    let end = js
+        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let cursors = grizzly_shared::nats::listener_cursors(js)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if cursors.len() == usize::from(env.settings.partitions)
+            && cursors.values().all(|c| *c > end)
+        {
+            return Ok(successor);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "the successor never routed to the end: {cursors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Publishes `count` events over 20 accounts while `TASKS` refuses every write, waits until the
@@ -587,7 +653,6 @@ async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -
 
     // A new router from the oldest cursor: it starts at each partition's announced round and
     // forms it again; the broker drops every message as a duplicate.
-    listener.shutdown().await?;
     let rounds = js
         .get_key_value(grizzly_shared::nats::CURSORS_BUCKET)
         .await?;
@@ -599,35 +664,9 @@ async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -
             .context("announcement")?;
         let value: serde_json::Value = serde_json::from_slice(&entry)?;
         announced += usize::from(value.get("from").is_some());
-        rounds.put(format!("cursor.{p}"), "1".into()).await?;
     }
     assert!(announced > 0, "no round was announced");
-    let mut settings = env.settings.clone();
-    settings.listener.id = Some("successor".into());
-    let _successor = env.start_listener_with(settings).await?;
-    let end = js
-        .get_stream(grizzly_shared::nats::EVENTS_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .last_sequence;
-    let caught_up = tokio::time::Instant::now();
-    loop {
-        let cursors = grizzly_shared::nats::listener_cursors(&js)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if cursors.len() == usize::from(env.settings.partitions)
-            && cursors.values().all(|c| *c > end)
-        {
-            break;
-        }
-        anyhow::ensure!(
-            caught_up.elapsed() < DEADLINE,
-            "the successor never routed to the end: {cursors:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _successor = route_again_from(&env, listener, 1).await?;
     assert_eq!(
         tasks.info().await?.state.last_sequence - before,
         written,
