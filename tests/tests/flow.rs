@@ -735,3 +735,112 @@ for line in sys.stdin:
     assert!(twice.is_empty(), "ran more than once: {twice:?}");
     Ok(())
 }
+
+/// A more urgent task of a later round starts its bundle while the earlier round's bundle has
+/// not started; the later bundle's other tasks stand behind the earlier one's in their
+/// aggregates' lanes. A worker stopping then runs those earlier tasks too, so both bundles are
+/// finished and acked: its successor runs nothing twice. The two bundles are written to `TASKS`
+/// here as the listener writes a backlog's rounds (one partition, ids and order of its own),
+/// so which tasks share a message does not depend on the listener's timing.
+#[tokio::test]
+async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -> anyhow::Result<()>
+{
+    use grizzly_shared::task::BUNDLE_HEADER;
+    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+
+    let env = TestEnv::start().await?;
+    let ran = env.path().join("ran.log");
+    let script = env.write_script(
+        "logged.py",
+        &format!(
+            r#"
+import json, sys, time
+for line in sys.stdin:
+    event = json.loads(line)
+    with open({ran:?}, "a") as log:
+        log.write(event["aggregateid"] + " " + event["id"] + "\n")
+    time.sleep(event["data"]["sleep"])
+    print(json.dumps({{"done": True}}), flush=True)
+"#,
+            ran = ran.display().to_string()
+        ),
+    );
+    env.write_handler(
+        "logged",
+        &format!("name: logged\non: [\"events.never.*.op\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: 1\n", script.display()),
+    );
+    let mut settings = env.settings.clone();
+    settings.partitions = 1;
+    let mut seq = 0;
+    let mut task = |aggregate: &str, sleep: f64, priority: Priority| {
+        seq += 1;
+        let subject = EventSubject::new("acct", aggregate, "op").expect("subject");
+        let event = EventEnvelope::new(&subject, "test", json!({"sleep": sleep}));
+        Task::new("logged", 1, seq, 1, priority, event)
+    };
+    // The earlier round: 100 tasks over ten accounts. The later one: a critical task for an
+    // account of its own, then one more for each of the ten.
+    let early: Vec<Task> = (0..100)
+        .map(|n| task(&format!("a{}", n % 10), 0.0, Priority::Low))
+        .collect();
+    let mut late = vec![task("hot", 2.0, Priority::Critical)];
+    late.extend((0..10).map(|n| task(&format!("a{n}"), 0.0, Priority::Low)));
+    let subject = early[0].subject();
+    // Alone and slow, ahead of both: they are in the worker before anything else starts.
+    let gate = task("gate", 1.0, Priority::Low);
+    env.nats
+        .js
+        .publish(subject.clone(), serde_json::to_vec(&gate)?.into())
+        .await?
+        .await?;
+    for (k, bundle) in [&early, &late].into_iter().enumerate() {
+        let mut headers = HeaderMap::new();
+        headers.insert(BUNDLE_HEADER, bundle.len().to_string().as_str());
+        headers.insert("Nats-Msg-Id", format!("bundle:test:{k}").as_str());
+        env.nats
+            .js
+            .publish_with_headers(subject.clone(), headers, serde_json::to_vec(bundle)?.into())
+            .await?
+            .await?;
+    }
+    let worker = |id: &str| {
+        let mut s = settings.clone();
+        s.worker.id = Some(id.to_string());
+        env.start_worker_with(s)
+    };
+    let w1 = worker("w1").await?;
+    // The critical task starts next (the gate is the oldest of the rest), and with it the
+    // later bundle, while nothing of the earlier one has.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let log = std::fs::read_to_string(&ran).unwrap_or_default();
+        if let Some(at) = log.lines().position(|l| l.starts_with("hot ")) {
+            let before: Vec<&str> = log.lines().take(at).collect();
+            assert!(
+                before.iter().all(|l| l.starts_with("gate ")),
+                "ran before the critical task: {before:?}"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "the critical task never started: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w1.shutdown().await?;
+    let _w2 = worker("w2").await?;
+    let mut watch = env.watch().await?;
+    watch
+        .wait_for_type("handler_succeeded", 112, DEADLINE)
+        .await?;
+    let log = std::fs::read_to_string(&ran)?;
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    for line in log.lines() {
+        *runs.entry(line).or_default() += 1;
+    }
+    assert_eq!(runs.len(), 112, "every task ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    Ok(())
+}

@@ -163,22 +163,33 @@ impl Worker {
                 }
             }
         }
-        // Drain: stop pulling, finish running tasks (bounded), then free the partitions at once.
+        // Drain: stop pulling, finish running tasks and started bundles (bounded), freeing each
+        // partition as its runner is done. The leases are renewed meanwhile: a runner acts only
+        // while its lease is surely its own, and one finishing a bundle can take longer than
+        // a lease lives (its successor would run the bundle's done tasks again).
         info!(worker = %self.id, "draining");
         for o in owned.values() {
             o.stop.cancel();
         }
-        let drain = async {
-            for ((handler, partition), o) in owned.drain() {
-                let _ = o.task.await;
-                let _ = leases.delete(lease_key(&handler, partition)).await;
+        let deadline = tokio::time::Instant::now() + self.settings.worker.drain_timeout;
+        while !owned.is_empty() {
+            let keys: Vec<(String, u16)> = owned.keys().cloned().collect();
+            let finished = tokio::select! {
+                (_, i, _) = futures::future::select_all(owned.values_mut().map(|o| &mut o.task)) => Some(i),
+                _ = tick.tick() => None,
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!("drain deadline passed; unfinished tasks will be redelivered");
+                    break;
+                }
+            };
+            match finished {
+                Some(i) => {
+                    let (handler, partition) = &keys[i];
+                    owned.remove(&keys[i]);
+                    let _ = leases.delete(lease_key(handler, *partition)).await;
+                }
+                None => self.renew(&leases, &mut owned).await,
             }
-        };
-        if tokio::time::timeout(self.settings.worker.drain_timeout, drain)
-            .await
-            .is_err()
-        {
-            warn!("drain deadline passed; unfinished tasks will be redelivered");
         }
         let _ = leases.delete(format!("worker.{}", self.id)).await;
         for h in self.versions.all() {
@@ -204,32 +215,7 @@ impl Worker {
             .await?;
         let (live, held) = self.census(leases).await?;
 
-        // Renew; a failed renewal means someone else owns it now: stop at once.
-        let mut lost = Vec::new();
-        for ((handler, partition), o) in owned.iter_mut() {
-            let asked = tokio::time::Instant::now();
-            match leases
-                .update(
-                    lease_key(handler, *partition),
-                    self.id.clone().into(),
-                    o.revision,
-                )
-                .await
-            {
-                Ok(rev) => {
-                    o.revision = rev;
-                    o.fence.extend(asked + self.lease_margin());
-                }
-                Err(e) => {
-                    warn!(%handler, partition, error = %e, "lease lost");
-                    o.stop.cancel();
-                    lost.push((handler.clone(), *partition));
-                }
-            }
-        }
-        for key in lost {
-            owned.remove(&key);
-        }
+        self.renew(leases, owned).await;
         // Released partitions whose tasks finished: give the lease back.
         let done: Vec<_> = owned
             .iter()
@@ -311,6 +297,36 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Renews every lease held; a failed renewal means someone else owns the partition now:
+    /// its runner stops at once.
+    async fn renew(&self, leases: &kv::Store, owned: &mut HashMap<(String, u16), Owned>) {
+        let mut lost = Vec::new();
+        for ((handler, partition), o) in owned.iter_mut() {
+            let asked = tokio::time::Instant::now();
+            match leases
+                .update(
+                    lease_key(handler, *partition),
+                    self.id.clone().into(),
+                    o.revision,
+                )
+                .await
+            {
+                Ok(rev) => {
+                    o.revision = rev;
+                    o.fence.extend(asked + self.lease_margin());
+                }
+                Err(e) => {
+                    warn!(%handler, partition, error = %e, "lease lost");
+                    o.stop.cancel();
+                    lost.push((handler.clone(), *partition));
+                }
+            }
+        }
+        for key in lost {
+            owned.remove(&key);
+        }
     }
 
     fn lease_margin(&self) -> Duration {

@@ -261,15 +261,17 @@ impl Schedule {
         self.len = self.lanes.values().map(VecDeque::len).sum();
     }
 
-    /// Stopping: only lanes whose next task belongs to a bundle that has started stay ready.
+    /// Stopping: only lanes holding a task of a bundle that has started stay ready. The tasks
+    /// ahead of it in its lane run first (order per aggregate), and their bundles then count
+    /// as started too: a later round's bundle started by a more urgent task finishes even where
+    /// an earlier round's task stands before it.
     fn keep_only_started(&mut self) {
         let lanes = &self.lanes;
         for ready in &mut self.ready {
             ready.retain(|(lane, _)| {
                 lanes
                     .get(lane)
-                    .and_then(|q| q.front())
-                    .is_some_and(|h| h.msg.in_started_bundle())
+                    .is_some_and(|q| q.iter().any(|h| h.msg.in_started_bundle()))
             });
         }
         self.delayed.clear();
