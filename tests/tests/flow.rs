@@ -682,26 +682,7 @@ async fn a_backlog_goes_out_in_bundles_that_a_new_router_forms_again_exactly() -
 async fn a_worker_giving_back_a_partition_finishes_its_started_bundles_first() -> anyhow::Result<()>
 {
     let env = TestEnv::start().await?;
-    let ran = env.path().join("ran.log");
-    let script = env.write_script(
-        "logged.py",
-        &format!(
-            r#"
-import json, sys, time
-for line in sys.stdin:
-    event = json.loads(line)
-    with open({ran:?}, "a") as log:
-        log.write(event["id"] + "\n")
-    time.sleep(event["data"]["sleep"])
-    print(json.dumps({{"done": True, "output": {{"n": event["data"]["n"]}}}}), flush=True)
-"#,
-            ran = ran.display().to_string()
-        ),
-    );
-    env.write_handler(
-        "logged",
-        &format!("name: logged\non: [\"events.acct.*.op\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: 2\n", script.display()),
-    );
+    let ran = logged_handler(&env, "events.acct.*.op", 2);
     let _listener = env.start_listener().await?;
     env.listeners_spread(1, DEADLINE).await?;
     let worker = |id: &str| {
@@ -725,30 +706,12 @@ for line in sys.stdin:
         .map(|o| o["worker"].as_str().unwrap_or_default().to_string())
         .collect();
     println!("ran on {ran_on:?}");
-    let log = std::fs::read_to_string(&ran)?;
-    let mut runs: HashMap<&str, usize> = HashMap::new();
-    for id in log.lines() {
-        *runs.entry(id).or_default() += 1;
-    }
-    assert_eq!(runs.len(), 200, "every event ran");
-    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(twice.is_empty(), "ran more than once: {twice:?}");
-    Ok(())
+    each_ran_once(&ran, 200)
 }
 
-/// A more urgent task of a later round starts its bundle while the earlier round's bundle has
-/// not started; the later bundle's other tasks stand behind the earlier one's in their
-/// aggregates' lanes. A worker stopping then runs those earlier tasks too, so both bundles are
-/// finished and acked: its successor runs nothing twice. The two bundles are written to `TASKS`
-/// here as the listener writes a backlog's rounds (one partition, ids and order of its own),
-/// so which tasks share a message does not depend on the listener's timing.
-#[tokio::test]
-async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -> anyhow::Result<()>
-{
-    use grizzly_shared::task::BUNDLE_HEADER;
-    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
-
-    let env = TestEnv::start().await?;
+/// A `process` handler `logged` on `on` that appends "<aggregate> <event id>" to the log file it
+/// returns for every event it runs, then sleeps for the event's `data.sleep` seconds.
+fn logged_handler(env: &TestEnv, on: &str, concurrency: usize) -> std::path::PathBuf {
     let ran = env.path().join("ran.log");
     let script = env.write_script(
         "logged.py",
@@ -767,8 +730,38 @@ for line in sys.stdin:
     );
     env.write_handler(
         "logged",
-        &format!("name: logged\non: [\"events.never.*.op\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: 1\n", script.display()),
+        &format!("name: logged\non: [\"{on}\"]\nkind: process\ncommand: [\"python3\", \"{}\"]\nconcurrency: {concurrency}\n", script.display()),
     );
+    ran
+}
+
+/// The handler's own log (see [`logged_handler`]) shows `count` events, each run once.
+fn each_ran_once(ran: &std::path::Path, count: usize) -> anyhow::Result<()> {
+    let log = std::fs::read_to_string(ran)?;
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    for line in log.lines() {
+        *runs.entry(line).or_default() += 1;
+    }
+    assert_eq!(runs.len(), count, "every event ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    Ok(())
+}
+
+/// A more urgent task of a later round starts its bundle while the earlier round's bundle has
+/// not started; the later bundle's other tasks stand behind the earlier one's in their
+/// aggregates' lanes. A worker stopping then runs those earlier tasks too, so both bundles are
+/// finished and acked: its successor runs nothing twice. The two bundles are written to `TASKS`
+/// here as the listener writes a backlog's rounds (one partition, ids and order of its own),
+/// so which tasks share a message does not depend on the listener's timing.
+#[tokio::test]
+async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -> anyhow::Result<()>
+{
+    use grizzly_shared::task::BUNDLE_HEADER;
+    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+
+    let env = TestEnv::start().await?;
+    let ran = logged_handler(&env, "events.never.*.op", 1);
     let mut settings = env.settings.clone();
     settings.partitions = 1;
     let mut seq = 0;
@@ -834,13 +827,5 @@ for line in sys.stdin:
     watch
         .wait_for_type("handler_succeeded", 112, DEADLINE)
         .await?;
-    let log = std::fs::read_to_string(&ran)?;
-    let mut runs: HashMap<&str, usize> = HashMap::new();
-    for line in log.lines() {
-        *runs.entry(line).or_default() += 1;
-    }
-    assert_eq!(runs.len(), 112, "every task ran");
-    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(twice.is_empty(), "ran more than once: {twice:?}");
-    Ok(())
+    each_ran_once(&ran, 112)
 }
