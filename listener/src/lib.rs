@@ -427,15 +427,9 @@ async fn announce(
     announcement: partitions::Announcement,
     revision: u64,
 ) -> Result<u64, ()> {
-    use backon::BackoffBuilder;
     let key = partitions::round_key(partition);
     let value = announcement.to_bytes();
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = nats::retry_delays(Duration::from_secs(2));
     loop {
         match rounds.update(&key, value.clone(), revision).await {
             Ok(revision) => return Ok(revision),

@@ -299,6 +299,18 @@ pub async fn listener_cursors(
     Ok(cursors)
 }
 
+/// The pauses between attempts of a broker write that is retried until it succeeds: from 50 ms,
+/// doubling with jitter up to `max`, never ending.
+pub fn retry_delays(max: Duration) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Publishes and waits until the broker confirms the write, re-sending with back-off until it
 /// does. Every Grizzly write carries a `Nats-Msg-Id`, so a re-send stores at most one copy.
 /// Callers ack their input only after this returns: a full or unreachable stream delays work,
@@ -309,13 +321,7 @@ pub async fn publish_confirmed(
     publish: jetstream::message::PublishMessage,
     first: Option<jetstream::context::PublishAckFuture>,
 ) -> jetstream::publish::PublishAck {
-    use backon::BackoffBuilder;
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = retry_delays(Duration::from_secs(5));
     let mut pending = first;
     loop {
         if pending.is_none() {
