@@ -281,11 +281,12 @@ impl Bench {
             .measured)
     }
 
-    /// [`Bench::run_batch`], plus each event's dispatch latency: event stored → the handler
-    /// process has it, with the first `in_flight` events published `spread / in_flight` apart
-    /// instead of all at once when `spread` is not zero (see [`handlers`] for why), for handlers that answer with the event's `time` (for an event published
-    /// without a CloudEvents time, the broker's timestamp) and their receipt time `t` (Unix
-    /// seconds) in `output`.
+    /// [`Bench::run_batch`], plus each event's dispatch latency: event stored (and event handed
+    /// to the client) → the handler process has it, with the first `in_flight` events
+    /// published `spread / in_flight` apart instead of all at once when `spread` is not zero
+    /// (see [`handlers`] for why), for handlers that answer with the event's `time` (for an
+    /// event published without a CloudEvents time, the broker's timestamp) and their receipt
+    /// time `t` (Unix seconds) in `output`.
     ///
     /// Only outcome events are read back (a reader of every event would double the bench's own
     /// load, which the raw baseline does not carry). A burst (`in_flight >= n`) does not need them
@@ -353,6 +354,7 @@ impl Bench {
         let mut latencies = Vec::with_capacity(n);
         let mut last = started;
         let mut dispatch = Vec::new();
+        let mut dispatch_sent = Vec::new();
         let until = tokio::time::Instant::now() + deadline;
         while latencies.len() < n {
             let msg = tokio::time::timeout_at(until, messages.next())
@@ -388,6 +390,7 @@ impl Bench {
                 }),
             ) {
                 dispatch.push((t - stored.unix_timestamp_nanos() as f64 / 1e9) * 1000.0);
+                dispatch_sent.push((t - sent_at.unix_timestamp_nanos() as f64 / 1e9) * 1000.0);
             }
             if sent < n {
                 let next = publish(sent, &mut published);
@@ -399,6 +402,7 @@ impl Bench {
         Ok(Batch {
             measured: Measured::new(latencies, (last - started).as_seconds_f64()),
             dispatch,
+            dispatch_sent,
             cpu: cpu_before.zip(cpu_after).map(|(a, b)| a.per_event(&b, n)),
         })
     }
@@ -409,6 +413,8 @@ struct Batch {
     measured: Measured,
     /// Per event: stored → the handler process had it, ms.
     dispatch: Vec<f64>,
+    /// Per event: handed to the client → the handler process had it, ms.
+    dispatch_sent: Vec<f64>,
     /// CPU per event from the first publish until every outcome was stored.
     cpu: Option<CpuPerEvent>,
 }
@@ -851,9 +857,10 @@ async fn raw_baseline(
     Ok([raw, relay])
 }
 
-/// Raw JetStream, one message at a time: publish, a pull consumer receives it (latency from the
-/// broker's stored timestamp to receipt, as for [`Bench::run_batch_with_dispatch`]), ack.
-async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> {
+/// Raw JetStream, one message at a time: publish, a pull consumer receives it, ack. Latency
+/// from the broker's stored timestamp to receipt, and from the publish call to receipt (as for
+/// [`Bench::run_batch_with_dispatch`]).
+async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<[Measured; 2]> {
     let consumer = fresh_stream(js, "BENCH_HOP")
         .await?
         .create_consumer(pull::Config {
@@ -865,7 +872,9 @@ async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> 
     let mut messages = consumer.messages().await?;
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(n);
+    let mut from_sent = Vec::with_capacity(n);
     for i in 0..n {
+        let sent = time::OffsetDateTime::now_utc();
         let ack = js.publish(format!("bench_hop.{i}"), "x".into()).await?;
         let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
@@ -873,11 +882,16 @@ async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<Measured> 
             .context("ended")??;
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         latencies.push(ms_since(info.published));
+        from_sent.push(ms_since(sent));
         msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         ack.await?;
     }
     js.delete_stream("BENCH_HOP").await?;
-    Ok(Measured::new(latencies, started.elapsed().as_secs_f64()))
+    let span = started.elapsed().as_secs_f64();
+    Ok([
+        Measured::new(latencies, span),
+        Measured::new(from_sent, span),
+    ])
 }
 
 /// One broker mode of [`throughput`].
@@ -890,7 +904,10 @@ struct ModeFigures {
     hop: Measured,
     /// One event at a time: stored → the handler process has it (listener, task, worker).
     dispatch: Measured,
-    /// One event at a time: stored → its outcome stored.
+    /// `hop` and `dispatch` from the publish call instead of the broker's stored timestamp.
+    hop_sent: Measured,
+    dispatch_sent: Measured,
+    /// One event at a time: handed to the client → its outcome stored.
     at_rest: Measured,
     /// CPU per event of `raw`, `relay` and `full` (Linux only).
     cpu_raw: Option<CpuPerEvent>,
@@ -915,6 +932,9 @@ impl ModeFigures {
     fn dispatch_over_hop(&self) -> f64 {
         self.dispatch.p50_ms / self.hop.p50_ms.max(1e-9)
     }
+    fn dispatch_over_hop_sent(&self) -> f64 {
+        self.dispatch_sent.p50_ms / self.hop_sent.p50_ms.max(1e-9)
+    }
 }
 
 fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
@@ -923,8 +943,10 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
         .map(|m| {
             json!({"mode": m.mode(), "raw": m.raw, "relay": m.relay, "full": m.full,
                 "hop": m.hop, "dispatch": m.dispatch, "at_rest": m.at_rest,
+                "hop_from_publish": m.hop_sent, "dispatch_from_publish": m.dispatch_sent,
                 "full_over_raw": m.full_over_raw(), "full_over_relay": m.full_over_relay(),
                 "dispatch_over_hop": m.dispatch_over_hop(),
+                "dispatch_over_hop_from_publish": m.dispatch_over_hop_sent(),
                 "cpu_per_event": {"raw": m.cpu_raw, "relay": m.cpu_relay, "full": m.cpu_full}})
         })
         .collect();
@@ -970,7 +992,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         let broker_pid = bench.server.pid();
         let [(raw, cpu_raw), (relay, cpu_relay)] =
             raw_baseline(&bench.nats.js, events, broker_pid).await?;
-        let hop = raw_hop(&bench.nats.js, latency_events).await?;
+        let [hop, hop_sent] = raw_hop(&bench.nats.js, latency_events).await?;
         // Warm-up, the latencies one event at a time, then the measured burst.
         bench
             .run_batch(
@@ -984,6 +1006,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         let Batch {
             measured: at_rest,
             dispatch,
+            dispatch_sent,
             ..
         } = bench
             .run_batch_with_dispatch(
@@ -1000,7 +1023,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             "the no-op handler's receipt times are missing from its outcomes"
         );
         // Dispatches happened at the one-at-a-time run's rate.
-        let dispatch = Measured::new(dispatch, latency_events as f64 / at_rest.events_per_s);
+        let span = latency_events as f64 / at_rest.events_per_s;
+        let dispatch = Measured::new(dispatch, span);
+        let dispatch_sent = Measured::new(dispatch_sent, span);
         let Batch {
             measured: full,
             cpu: cpu_full,
@@ -1023,6 +1048,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             full,
             hop,
             dispatch,
+            hop_sent,
+            dispatch_sent,
             at_rest,
             cpu_raw,
             cpu_relay,
@@ -1043,7 +1070,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         for (name, f) in [
             ("raw hop (stored → consumer)", &m.hop),
             ("dispatch (stored → handler)", &m.dispatch),
-            ("full path (stored → outcome)", &m.at_rest),
+            ("raw hop (publish → consumer)", &m.hop_sent),
+            ("dispatch (publish → handler)", &m.dispatch_sent),
+            ("full path (publish → outcome stored)", &m.at_rest),
         ] {
             println!(
                 "{:<36} {:>10} {:>10.3} {:>10.3}   [{mode}]",
@@ -1063,10 +1092,11 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             }
         }
         println!(
-            "  [{mode}] full/raw = {:.2}, full/relay = {:.2}, dispatch p50 / raw hop p50 = {:.1}",
+            "  [{mode}] full/raw = {:.2}, full/relay = {:.2}, dispatch p50 / raw hop p50 = {:.1} from the store, {:.1} from the publish",
             m.full_over_raw(),
             m.full_over_relay(),
-            m.dispatch_over_hop()
+            m.dispatch_over_hop(),
+            m.dispatch_over_hop_sent()
         );
         out.push(m);
     }
@@ -1363,6 +1393,22 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         put(format!("dispatch_p99_ms_{suffix}"), m.dispatch.p99_ms);
         put(format!("at_rest_p50_ms_{suffix}"), m.at_rest.p50_ms);
         put(format!("dispatch_over_hop_{suffix}"), m.dispatch_over_hop());
+        put(
+            format!("hop_from_publish_p50_ms_{suffix}"),
+            m.hop_sent.p50_ms,
+        );
+        put(
+            format!("dispatch_from_publish_p50_ms_{suffix}"),
+            m.dispatch_sent.p50_ms,
+        );
+        put(
+            format!("dispatch_from_publish_p99_ms_{suffix}"),
+            m.dispatch_sent.p99_ms,
+        );
+        put(
+            format!("dispatch_over_hop_from_publish_{suffix}"),
+            m.dispatch_over_hop_sent(),
+        );
         // What one event costs each process (Linux only): where the full path's time goes.
         for (path, cost) in [("raw", m.cpu_raw), ("full", m.cpu_full)] {
             if let Some(c) = cost {
@@ -1443,13 +1489,15 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
             "≥ 0.15",
             default.full_over_raw() >= 0.15,
         ),
+        // Both from the publish call, as a client sees a hop; from the broker's store
+        // timestamp (the raw "hop" then only its delivery half) it is reported beside, above.
         target(
-            "dispatch_over_hop_default",
-            "dispatch p50 / raw hop p50, fsync default",
-            default.dispatch_over_hop(),
+            "dispatch_over_hop_from_publish_default",
+            "dispatch p50 / raw hop p50 (from the publish), fsync default",
+            default.dispatch_over_hop_sent(),
             "×",
             "≤ 4",
-            default.dispatch_over_hop() <= 4.0,
+            default.dispatch_over_hop_sent() <= 4.0,
         ),
         target(
             "full_over_relay_always",
@@ -1502,11 +1550,17 @@ fn print_summary(
         if quick { " --quick" } else { "" },
         machine["cores"]
     );
+    let w = targets
+        .iter()
+        .map(|t| t.figure.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     println!(
-        "\n| {:<46} | {:>10} | {:<34} | {:<4} |",
+        "\n| {:<w$} | {:>10} | {:<34} | {:<4} |",
         "figure", "measured", "target", ""
     );
-    println!("|{:-<48}|{:->12}|{:-<36}|------|", "", "", "");
+    println!("|{:-<w2$}|{:->12}|{:-<36}|------|", "", "", "", w2 = w + 2);
     for t in targets {
         let value = match t.unit {
             "ms" => format!("{:.1} ms", t.value),
@@ -1515,7 +1569,7 @@ fn print_summary(
             _ => format!("×{:.2}", t.value),
         };
         println!(
-            "| {:<46} | {:>10} | {:<34} | {:<4} |",
+            "| {:<w$} | {:>10} | {:<34} | {:<4} |",
             t.figure,
             value,
             format!("{} {}", t.target, if t.unit == "×" { "×" } else { t.unit }),
@@ -1547,16 +1601,19 @@ fn print_summary(
     );
     for m in modes {
         println!(
-            "  [{}] raw {:.0}/s, relay {:.0}/s, full path {:.0}/s (p50 {:.1} ms); one at a time: raw hop p50 {:.3} ms, dispatch p50 {:.3} ms (p99 {:.3}), outcome p50 {:.3} ms",
+            "  [{}] raw {:.0}/s, relay {:.0}/s, full path {:.0}/s (p50 {:.1} ms); one at a time, from the publish: raw hop p50 {:.3} ms, dispatch p50 {:.3} ms (p99 {:.3}), outcome p50 {:.3} ms; from the store: raw hop p50 {:.3} ms, dispatch p50 {:.3} ms (×{:.1})",
             m.mode(),
             m.raw.events_per_s,
             m.relay.events_per_s,
             m.full.events_per_s,
             m.full.p50_ms,
+            m.hop_sent.p50_ms,
+            m.dispatch_sent.p50_ms,
+            m.dispatch_sent.p99_ms,
+            m.at_rest.p50_ms,
             m.hop.p50_ms,
             m.dispatch.p50_ms,
-            m.dispatch.p99_ms,
-            m.at_rest.p50_ms
+            m.dispatch_over_hop()
         );
         if let (Some(raw), Some(full)) = (m.cpu_raw, m.cpu_full) {
             println!(

@@ -335,6 +335,11 @@ const BENCH_FIGURES: &[&str] = &[
     "dispatch_p99_ms_default",
     "at_rest_p50_ms_default",
     "dispatch_over_hop_default",
+    "hop_from_publish_p50_ms_default",
+    "dispatch_from_publish_p50_ms_default",
+    "dispatch_from_publish_p99_ms_default",
+    "dispatch_over_hop_from_publish_default",
+    "dispatch_over_hop_from_publish_always",
     "success_pct",
     "first_attempt_success_pct",
 ];
@@ -349,7 +354,7 @@ const BENCH_TARGETS: &[&str] = &[
     "scaling8_vs_1",
     "full_events_per_s_default",
     "full_over_raw_default",
-    "dispatch_over_hop_default",
+    "dispatch_over_hop_from_publish_default",
     "full_over_relay_always",
     "success_pct",
 ];
