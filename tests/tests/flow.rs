@@ -829,3 +829,64 @@ async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -
         .await?;
     each_ran_once(&ran, 112)
 }
+
+/// A bundle's task that waits for its time (throttle, debounce) is still finished by a
+/// stopping worker once another task of the bundle has started: the bundle is acked whole, so
+/// leaving it would make the next owner run the started task again. Written to `TASKS` here as
+/// the listener writes a backlog's round.
+#[tokio::test]
+async fn a_stopping_worker_waits_for_a_started_bundles_delayed_task() -> anyhow::Result<()> {
+    use grizzly_shared::task::BUNDLE_HEADER;
+    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+
+    let env = TestEnv::start().await?;
+    let ran = logged_handler(&env, "events.never.*.op", 1);
+    let mut settings = env.settings.clone();
+    settings.partitions = 1;
+    settings.worker.id = Some("w1".into());
+    let task = |seq: u64, aggregate: &str, sleep: f64| {
+        let subject = EventSubject::new("acct", aggregate, "op").expect("subject");
+        let event = EventEnvelope::new(&subject, "test", json!({"sleep": sleep}));
+        Task::new("logged", 1, seq, 1, Priority::Normal, event)
+    };
+    // The first runs at once and is still running when the worker is told to stop; the second
+    // may not start for another 2.5 s.
+    let mut later = task(2, "later", 0.0);
+    later.not_before_ms = Some(grizzly_shared::clock::now_ms() + 2_500);
+    let bundle = vec![task(1, "now", 0.5), later];
+    let mut headers = HeaderMap::new();
+    headers.insert(BUNDLE_HEADER, "2");
+    headers.insert("Nats-Msg-Id", "bundle:test:delayed");
+    env.nats
+        .js
+        .publish_with_headers(
+            bundle[0].subject(),
+            headers,
+            serde_json::to_vec(&bundle)?.into(),
+        )
+        .await?
+        .await?;
+    let w1 = env.start_worker_with(settings).await?;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !std::fs::read_to_string(&ran).is_ok_and(|log| log.contains("now ")) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "the first task never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w1.shutdown().await?;
+    // Both ran, once, and the bundle is acked (deleted from the work queue).
+    each_ran_once(&ran, 2)?;
+    let tasks = env
+        .nats
+        .js
+        .get_stream(grizzly_shared::nats::TASKS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(tasks, 0, "the bundle was left for the next owner");
+    Ok(())
+}

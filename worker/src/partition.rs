@@ -261,20 +261,26 @@ impl Schedule {
         self.len = self.lanes.values().map(VecDeque::len).sum();
     }
 
-    /// Stopping: only lanes holding a task of a bundle that has started stay ready. The tasks
-    /// ahead of it in its lane run first (order per aggregate), and their bundles then count
-    /// as started too: a later round's bundle started by a more urgent task finishes even where
-    /// an earlier round's task stands before it.
+    /// Stopping: only lanes holding a task of a bundle that has started stay ready, or wait
+    /// for their time. The tasks ahead of it in its lane run first (order per aggregate), and
+    /// their bundles then count as started too: a later round's bundle started by a more
+    /// urgent task finishes even where an earlier round's task stands before it.
     fn keep_only_started(&mut self) {
         let lanes = &self.lanes;
+        let holds_started = |lane: &String| {
+            lanes
+                .get(lane)
+                .is_some_and(|q| q.iter().any(|h| h.msg.in_started_bundle()))
+        };
         for ready in &mut self.ready {
-            ready.retain(|(lane, _)| {
-                lanes
-                    .get(lane)
-                    .is_some_and(|q| q.iter().any(|h| h.msg.in_started_bundle()))
-            });
+            ready.retain(|(lane, _)| holds_started(lane));
         }
-        self.delayed.clear();
+        self.delayed.retain(|(_, lane), ()| holds_started(lane));
+    }
+
+    /// Whether a lane waits for its head's time.
+    fn has_delayed(&self) -> bool {
+        !self.delayed.is_empty()
     }
 
     /// Whether the task stored at `seq` in `TASKS` (at `index` in a bundle) is running now.
@@ -421,6 +427,7 @@ impl PartitionRunner {
                     schedule.keep_only_started();
                     if running.is_empty()
                         && !schedule.has_ready()
+                        && !schedule.has_delayed()
                         && collector.as_ref().is_none_or(Collector::is_idle)
                     {
                         break 'pull;
