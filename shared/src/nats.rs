@@ -25,6 +25,9 @@ pub const TASKS_STREAM: &str = "TASKS";
 pub const DLQ_STREAM: &str = "DLQ";
 pub const LEASES_BUCKET: &str = "grizzly_leases";
 pub const CURSORS_BUCKET: &str = "grizzly_listener";
+pub const DONE_BUCKET: &str = "grizzly_done";
+/// How long a bundle's record of done tasks is kept: longer than a bundle stays unacked.
+pub const DONE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Name under which the listeners' lag is reported (`grizzly_consumer_pending`).
 pub const LISTENER_CONSUMER: &str = "grizzly-listener";
 
@@ -268,6 +271,29 @@ pub async fn ensure_cursor_bucket(
     .await
     .map_err(|source| SetupError::Bucket {
         bucket: CURSORS_BUCKET,
+        source,
+    })
+}
+
+/// The workers' record of which tasks of a long-open bundle are done
+/// (`<handler>.<partition>.<TASKS sequence>`): a worker taking the partition over after a crash
+/// starts only the others (see ARCHITECTURE.md, *Bundles*).
+pub async fn ensure_done_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: DONE_BUCKET.into(),
+        description: "Grizzly: done tasks of open bundles".into(),
+        history: 1,
+        max_age: DONE_TTL,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| SetupError::Bucket {
+        bucket: DONE_BUCKET,
         source,
     })
 }

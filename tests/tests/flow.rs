@@ -890,3 +890,123 @@ async fn a_stopping_worker_waits_for_a_started_bundles_delayed_task() -> anyhow:
     assert_eq!(tasks, 0, "the bundle was left for the next owner");
     Ok(())
 }
+
+/// A worker killed (SIGKILL) in the middle of a long bundle: the tasks it had recorded as done
+/// in `grizzly_done` do not run again on the next owner, which runs only the rest and then
+/// deletes the record. Without the record the whole done part ran twice.
+#[tokio::test]
+async fn a_worker_taking_over_a_half_done_bundle_runs_only_what_was_not_done() -> anyhow::Result<()>
+{
+    use grizzly_shared::task::BUNDLE_HEADER;
+    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+
+    let env = TestEnv::start().await?;
+    let ran = logged_handler(&env, "events.never.*.op", 1);
+    let mut settings = env.settings.clone();
+    settings.partitions = 1;
+    // One aggregate: the ten run one after another, 0.3 s each.
+    let bundle: Vec<Task> = (1..=10)
+        .map(|seq| {
+            let subject = EventSubject::new("acct", "a", "op").expect("subject");
+            let event = EventEnvelope::new(&subject, "test", json!({"sleep": 0.3}));
+            Task::new("logged", 1, seq, 1, Priority::Normal, event)
+        })
+        .collect();
+    let mut headers = HeaderMap::new();
+    headers.insert(BUNDLE_HEADER, "10");
+    headers.insert("Nats-Msg-Id", "bundle:test:long");
+    let seq = env
+        .nats
+        .js
+        .publish_with_headers(
+            bundle[0].subject(),
+            headers,
+            serde_json::to_vec(&bundle)?.into(),
+        )
+        .await?
+        .await?
+        .sequence;
+    let mut first = grizzly_tests::ChildProcess::start("grizzly-worker", &settings, &[])?;
+    let done = env
+        .nats
+        .js
+        .get_key_value(grizzly_shared::nats::DONE_BUCKET)
+        .await;
+    // The bucket exists once the worker is up.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let done = match done {
+        Ok(kv) => kv,
+        Err(_) => loop {
+            if let Ok(kv) = env
+                .nats
+                .js
+                .get_key_value(grizzly_shared::nats::DONE_BUCKET)
+                .await
+            {
+                break kv;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < until, "no done bucket");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+    };
+    let key = format!("logged.0.{seq}");
+    let recorded = |value: Option<bytes::Bytes>| -> Vec<u64> {
+        value
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .and_then(|r| {
+                r["done"]
+                    .as_array()
+                    .map(|d| d.iter().filter_map(|i| i.as_u64()).collect())
+            })
+            .unwrap_or_default()
+    };
+    let done_before = loop {
+        let now = recorded(done.get(&key).await?);
+        if now.len() >= 4 {
+            break now;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "no record of 4 done tasks: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    first.kill();
+    let _second = grizzly_tests::ChildProcess::start("grizzly-worker", &settings, &[])?;
+    // The rest runs, the bundle is acked and its record deleted.
+    let tasks = env.nats.js.get_stream(TASKS_STREAM).await?;
+    loop {
+        let left = tasks.get_info().await?.state.messages;
+        let record = done.get(&key).await?;
+        if left == 0 && record.is_none() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "bundle not finished: {left} in TASKS, record {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&ran)?;
+    let mut runs: HashMap<&str, usize> = HashMap::new();
+    let mut order = Vec::new();
+    for line in log.lines() {
+        let n = runs.entry(line).or_default();
+        if *n == 0 {
+            order.push(line);
+        }
+        *n += 1;
+    }
+    assert_eq!(order.len(), 10, "every task ran: {log}");
+    for index in &done_before {
+        let line = order[*index as usize];
+        assert_eq!(
+            runs[line], 1,
+            "task {index} was recorded done yet ran again: {log}"
+        );
+    }
+    // At most the one running at the kill, and one done after the last record, ran twice.
+    let twice = runs.values().filter(|n| **n > 1).count();
+    assert!(twice <= 2, "{twice} ran twice: {log}");
+    Ok(())
+}

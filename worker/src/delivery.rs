@@ -3,10 +3,12 @@
 //! message (one stored write and one delete for all of them, which is what a synced write per
 //! task costs; see ARCHITECTURE.md, *Bundles*). A bundle is acked once every task in it is
 //! done; until then the runner keeps its [`Bundle`], so a redelivery (a recreated consumer)
-//! starts only the tasks that are not done yet.
+//! starts only the tasks that are not done yet. A bundle open for a while has its done tasks
+//! recorded in `grizzly_done` by the runner, so that a worker taking the partition over after a
+//! crash starts only the others (see [`crate::partition`]).
 
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
@@ -17,14 +19,57 @@ pub(crate) struct Bundle {
     open: Mutex<Vec<bool>>,
     /// One of its tasks has started: it is finished before the partition is given back.
     started: AtomicBool,
+    /// When this runner got it.
+    pub(crate) since: std::time::Instant,
+    /// Which stored message it is (`<Nats-Msg-Id>@<stored time>`): a record names it, so a
+    /// `TASKS` stream made anew, whose sequences start over, is never mistaken for it.
+    pub(crate) message: String,
+    /// How many done tasks the record in `grizzly_done` holds.
+    recorded: AtomicUsize,
 }
 
 impl Bundle {
-    pub(crate) fn new(tasks: usize) -> Arc<Self> {
+    pub(crate) fn new(tasks: usize, message: String) -> Arc<Self> {
         Arc::new(Self {
             open: Mutex::new(vec![true; tasks]),
             started: AtomicBool::new(false),
+            since: std::time::Instant::now(),
+            message,
+            recorded: AtomicUsize::new(0),
         })
+    }
+
+    /// Marks the tasks a previous owner recorded as done.
+    pub(crate) fn restore(&self, done: &[u32]) {
+        let mut open = self.open.lock().expect("bundle lock");
+        for index in done {
+            if let Some(slot) = open.get_mut(*index as usize) {
+                *slot = false;
+            }
+        }
+        let n = open.iter().filter(|o| !**o).count();
+        self.recorded.store(n, Ordering::Relaxed);
+    }
+
+    /// The done tasks, if more are done than recorded and some are still open.
+    pub(crate) fn unrecorded(&self) -> Option<Vec<u32>> {
+        let open = self.open.lock().expect("bundle lock");
+        let done: Vec<u32> = (0u32..)
+            .zip(open.iter())
+            .filter(|(_, o)| !**o)
+            .map(|(i, _)| i)
+            .collect();
+        let fresh = done.len() > self.recorded.load(Ordering::Relaxed);
+        (fresh && done.len() < open.len()).then_some(done)
+    }
+
+    pub(crate) fn recorded(&self, done: usize) {
+        self.recorded.fetch_max(done, Ordering::Relaxed);
+    }
+
+    /// Whether a record of it was written.
+    pub(crate) fn was_recorded(&self) -> bool {
+        self.recorded.load(Ordering::Relaxed) > 0
     }
 
     pub(crate) fn is_open(&self, index: u32) -> bool {
@@ -113,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_bundle_is_done_when_its_last_task_is() {
-        let b = Bundle::new(3);
+        let b = Bundle::new(3, "m".into());
         assert!(!b.done(1));
         assert!(!b.is_open(1) && b.is_open(0));
         assert!(!b.done(1), "done twice still leaves the others");
@@ -121,5 +166,25 @@ mod tests {
         assert!(b.done(2));
         assert!(b.all_done());
         assert!(!b.is_open(7), "an index past the end is never open");
+    }
+
+    #[test]
+    fn a_record_lists_the_done_tasks_while_some_are_open() {
+        let b = Bundle::new(3, "m".into());
+        assert_eq!(b.unrecorded(), None, "nothing done");
+        b.done(2);
+        assert_eq!(b.unrecorded(), Some(vec![2]));
+        b.recorded(1);
+        assert_eq!(b.unrecorded(), None, "recorded already");
+        let taken_over = Bundle::new(3, "m".into());
+        taken_over.restore(&[0, 2, 9]);
+        assert!(taken_over.is_open(1) && !taken_over.is_open(0) && !taken_over.is_open(2));
+        assert!(taken_over.was_recorded() && taken_over.unrecorded().is_none());
+        taken_over.done(1);
+        assert_eq!(
+            taken_over.unrecorded(),
+            None,
+            "all done: acked, not recorded"
+        );
     }
 }

@@ -98,6 +98,8 @@ pub struct ExecutionEnv {
     pub ack_wait: Duration,
     /// Every handler version this worker runs: a task runs on the version it was routed to.
     pub versions: Arc<crate::versions::VersionTable>,
+    /// `grizzly_done`: the done tasks of long-open bundles.
+    pub done: async_nats::jetstream::kv::Store,
 }
 
 /// Runs `task` (delivered as `msg`) to a durable outcome, then acks it. The partition runner

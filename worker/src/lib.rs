@@ -141,7 +141,9 @@ impl Worker {
                 versions.sync(&now).await;
             }
         });
+        let done = nats::ensure_done_bucket(&self.nats.js, self.settings.streams.replicas).await?;
         let env = ExecutionEnv {
+            done,
             nats: self.nats.clone(),
             worker_id: self.id.clone(),
             worker_limit: slots::PriorityGate::new(self.settings.worker.max_concurrency),

@@ -18,6 +18,12 @@
 //!   ([`crate::debounce`]).
 //!
 //! Everything held is progress-acked so the broker does not redeliver it.
+//!
+//! A bundle is acked only when all its tasks are done, so a worker killed mid-bundle would
+//! leave its done tasks to be run again by the next owner. For a bundle open longer than
+//! [`RECORD_AFTER`], the runner records its done tasks in `grizzly_done` every [`RECORD_EVERY`];
+//! a runner receiving a bundle that was stored before it took the partition reads that record
+//! first and starts only the rest. A burst's bundles finish sooner and cost no record.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -47,6 +53,22 @@ use crate::slots::Urgency;
 /// How often a runner holding its fill of tasks takes one more message anyway: a pull not
 /// polled for two idle heartbeats (3 s each, see `run`) fails as missed.
 const TRICKLE: Duration = Duration::from_secs(1);
+
+/// How often a runner records the done tasks of its long-open bundles: at most the tasks done
+/// in this much time before a crash run again on the next owner.
+const RECORD_EVERY: Duration = Duration::from_millis(200);
+
+/// A bundle open for less than this is not recorded.
+const RECORD_AFTER: Duration = Duration::from_secs(1);
+
+/// What `grizzly_done` holds for a bundle (key `<handler>.<partition>.<TASKS sequence>`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DoneRecord {
+    /// The bundle's [`Bundle::message`].
+    message: String,
+    /// Indices of its done tasks.
+    done: Vec<u32>,
+}
 
 /// A task waiting this long counts as one priority level higher.
 pub const AGING: Duration = Duration::from_secs(5);
@@ -96,6 +118,11 @@ pub(crate) struct Schedule {
     ready: [VecDeque<(String, Instant)>; 4],
     /// Lanes whose head must wait until a time.
     delayed: BTreeMap<(u64, String), ()>,
+    /// The last `TASKS` sequence before this runner took the partition: a bundle up to it may
+    /// have been started by a previous owner.
+    inherited_to: u64,
+    /// Sequences of settled bundles whose record is to be deleted.
+    forget: Vec<u64>,
 }
 
 /// 0 = critical … 3 = low.
@@ -221,16 +248,29 @@ impl Schedule {
     /// The lane's running work finished: drop its tasks and make the next one ready.
     fn finished(&mut self, lane: String) {
         let taken = self.running.remove(&lane).unwrap_or(1);
+        let mut settled = Vec::new();
         if let Some(q) = self.lanes.get_mut(&lane) {
             for held in q.drain(..taken.min(q.len())) {
                 self.len -= 1;
                 self.running_seqs.remove(&(held.seq, held.index));
                 if held.msg.settled() {
-                    self.bundles.remove(&held.seq);
+                    settled.push(held.seq);
                 }
             }
         }
+        for seq in settled {
+            self.settle(seq);
+        }
         self.mark_ready(lane);
+    }
+
+    /// A bundle is done: forgotten, and its record (if any) deleted.
+    fn settle(&mut self, seq: u64) {
+        if let Some(bundle) = self.bundles.remove(&seq)
+            && bundle.was_recorded()
+        {
+            self.forget.push(seq);
+        }
     }
 
     fn finished_all(&mut self, lanes: Vec<String>) {
@@ -323,6 +363,14 @@ impl PartitionRunner {
     /// next owner).
     pub async fn run(self, stop: CancellationToken) {
         let handler = self.ctx.name().to_string();
+        // Read before the consumer exists: every bundle stored later is this runner's alone.
+        let inherited_to = match self.env.nats.js.get_stream(TASKS_STREAM).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.state.last_sequence,
+                Err(_) => u64::MAX,
+            },
+            Err(_) => u64::MAX,
+        };
         let mut consumer = loop {
             match self.fresh_consumer().await {
                 Ok(c) => break c,
@@ -336,7 +384,13 @@ impl PartitionRunner {
             }
         };
         info!(worker = %self.env.worker_id, %handler, partition = self.partition, "partition acquired");
-        let mut schedule = Schedule::default();
+        let mut schedule = Schedule {
+            inherited_to,
+            ..Default::default()
+        };
+        let mut record = tokio::time::interval(RECORD_EVERY);
+        record.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recording: Option<tokio::task::JoinHandle<()>> = None;
         let mut running: FuturesUnordered<Finished> = FuturesUnordered::new();
         let mut collector = self.ctx.handler.spec.batch.as_ref().and_then(|spec| {
             Collector::new(spec)
@@ -509,6 +563,11 @@ impl PartitionRunner {
                         }
                     }
                     _ = tokio::time::sleep_until(trickle_at), if !take && !finishing => {}
+                    _ = record.tick(), if !schedule.bundles.is_empty() || !schedule.forget.is_empty() => {
+                        if recording.as_ref().is_none_or(|r| r.is_finished()) {
+                            recording = self.record(&mut schedule);
+                        }
+                    }
                     next = messages.next(), if take && !finishing => match next {
                         Some(Ok(msg)) if self.fence.held() => {
                             if full {
@@ -537,6 +596,9 @@ impl PartitionRunner {
         }
         // Drain: finish what is running; held tasks go back to the broker with the partition.
         while running.next().await.is_some() {}
+        if let Some(r) = recording {
+            let _ = r.await;
+        }
         info!(worker = %self.env.worker_id, %handler, partition = self.partition, "partition released");
     }
 
@@ -571,11 +633,17 @@ impl PartitionRunner {
             Ok(tasks) => tasks,
             Err(e) => return terminate_malformed(msg, &e).await,
         };
-        let bundle = schedule
-            .bundles
-            .entry(seq)
-            .or_insert_with(|| Bundle::new(tasks.len()))
-            .clone();
+        let bundle = match schedule.bundles.get(&seq) {
+            Some(bundle) => bundle.clone(),
+            None => {
+                let bundle = Bundle::new(tasks.len(), message_identity(&msg));
+                if seq <= schedule.inherited_to {
+                    self.restore(&bundle, seq).await;
+                }
+                schedule.bundles.insert(seq, bundle.clone());
+                bundle
+            }
+        };
         // Again after a recreated consumer: only what is neither done nor running.
         for (index, task) in (0u32..).zip(tasks) {
             if bundle.is_open(index) && !schedule.is_running(seq, index) {
@@ -590,9 +658,71 @@ impl PartitionRunner {
         }
         if bundle.all_done() {
             // Done before, but its ack was lost.
-            schedule.bundles.remove(&seq);
+            schedule.settle(seq);
             let _ = msg.ack().await;
         }
+    }
+
+    fn done_key(&self, seq: u64) -> String {
+        format!("{}.{}.{seq}", self.ctx.name(), self.partition)
+    }
+
+    /// Marks the tasks a previous owner recorded as done in `bundle` (stored at `seq`).
+    async fn restore(&self, bundle: &Bundle, seq: u64) {
+        let handler = self.ctx.name();
+        match self.env.done.get(self.done_key(seq)).await {
+            Ok(Some(value)) => match serde_json::from_slice::<DoneRecord>(&value) {
+                Ok(record) if record.message == bundle.message => {
+                    info!(%handler, partition = self.partition, seq, done = record.done.len(), "bundle taken over: its done tasks are not run again");
+                    bundle.restore(&record.done);
+                }
+                // Another message under the same sequence: `TASKS` was made anew.
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(%handler, seq, error = %e, "unreadable record of a bundle's done tasks; running them all")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                warn!(%handler, seq, error = %e, "cannot read a bundle's done tasks; running them all")
+            }
+        }
+    }
+
+    /// Writes the records of long-open bundles with newly done tasks, and deletes those of
+    /// settled ones, in the background (one round at a time).
+    fn record(&self, schedule: &mut Schedule) -> Option<tokio::task::JoinHandle<()>> {
+        let puts: Vec<_> = schedule
+            .bundles
+            .iter()
+            .filter(|(_, b)| b.since.elapsed() >= RECORD_AFTER)
+            .filter_map(|(seq, b)| Some((self.done_key(*seq), b.clone(), b.unrecorded()?)))
+            .collect();
+        let deletes: Vec<String> = std::mem::take(&mut schedule.forget)
+            .into_iter()
+            .map(|seq| self.done_key(seq))
+            .collect();
+        if puts.is_empty() && deletes.is_empty() {
+            return None;
+        }
+        let store = self.env.done.clone();
+        Some(tokio::spawn(async move {
+            for (key, bundle, done) in puts {
+                let n = done.len();
+                let record = DoneRecord {
+                    message: bundle.message.clone(),
+                    done,
+                };
+                let value = serde_json::to_vec(&record).expect("serializable").into();
+                match store.put(&key, value).await {
+                    Ok(_) => bundle.recorded(n),
+                    Err(e) => warn!(key, error = %e, "cannot record a bundle's done tasks"),
+                }
+            }
+            for key in deletes {
+                let _ = store.delete(&key).await;
+            }
+        }))
     }
 
     fn start(
@@ -633,6 +763,21 @@ impl PartitionRunner {
             vec![lane]
         }));
     }
+}
+
+/// `<Nats-Msg-Id>@<stored time in ns>`: which stored message a bundle is.
+fn message_identity(msg: &jetstream::Message) -> String {
+    let id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(grizzly_shared::headers::MSG_ID))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let stored = msg
+        .info()
+        .map(|i| i.published.unix_timestamp_nanos())
+        .unwrap_or(0);
+    format!("{id}@{stored}")
 }
 
 fn is_bundle(msg: &jetstream::Message) -> bool {
