@@ -738,14 +738,65 @@ for line in sys.stdin:
 /// The handler's own log (see [`logged_handler`]) shows `count` events, each run once.
 fn each_ran_once(ran: &std::path::Path, count: usize) -> anyhow::Result<()> {
     let log = std::fs::read_to_string(ran)?;
-    let mut runs: HashMap<&str, usize> = HashMap::new();
-    for line in log.lines() {
-        *runs.entry(line).or_default() += 1;
-    }
+    let runs = runs_in(&log);
     assert_eq!(runs.len(), count, "every event ran");
-    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| *c > 1).collect();
     assert!(twice.is_empty(), "ran more than once: {twice:?}");
     Ok(())
+}
+
+/// Each line of a [`logged_handler`] log with how often it is there, in order of first run.
+fn runs_in(log: &str) -> Vec<(&str, usize)> {
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for line in log.lines() {
+        let i = *at.entry(line).or_insert_with(|| {
+            runs.push((line, 0));
+            runs.len() - 1
+        });
+        runs[i].1 += 1;
+    }
+    runs
+}
+
+/// A task for [`logged_handler`] on aggregate `acct/<aggregate>`, sleeping `sleep` seconds, in
+/// a one-partition setup.
+fn logged_task(
+    seq: u64,
+    aggregate: &str,
+    sleep: f64,
+    priority: grizzly_shared::Priority,
+) -> grizzly_shared::Task {
+    let subject = grizzly_shared::EventSubject::new("acct", aggregate, "op").expect("subject");
+    let event = grizzly_shared::EventEnvelope::new(&subject, "test", json!({"sleep": sleep}));
+    grizzly_shared::Task::new("logged", 1, seq, 1, priority, event)
+}
+
+/// Writes `tasks` to `TASKS` as one bundle with message id `id`, as the listener writes a
+/// backlog's round (so which tasks share a message does not depend on the listener's timing);
+/// returns where it is stored.
+async fn write_bundle(
+    env: &TestEnv,
+    tasks: &[grizzly_shared::Task],
+    id: &str,
+) -> anyhow::Result<u64> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        grizzly_shared::task::BUNDLE_HEADER,
+        tasks.len().to_string().as_str(),
+    );
+    headers.insert("Nats-Msg-Id", id);
+    let ack = env
+        .nats
+        .js
+        .publish_with_headers(
+            tasks[0].subject(),
+            headers,
+            serde_json::to_vec(tasks)?.into(),
+        )
+        .await?
+        .await?;
+    Ok(ack.sequence)
 }
 
 /// A more urgent task of a later round starts its bundle while the earlier round's bundle has
@@ -757,8 +808,7 @@ fn each_ran_once(ran: &std::path::Path, count: usize) -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -> anyhow::Result<()>
 {
-    use grizzly_shared::task::BUNDLE_HEADER;
-    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+    use grizzly_shared::{Priority, Task};
 
     let env = TestEnv::start().await?;
     let ran = logged_handler(&env, "events.never.*.op", 1);
@@ -767,9 +817,7 @@ async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -
     let mut seq = 0;
     let mut task = |aggregate: &str, sleep: f64, priority: Priority| {
         seq += 1;
-        let subject = EventSubject::new("acct", aggregate, "op").expect("subject");
-        let event = EventEnvelope::new(&subject, "test", json!({"sleep": sleep}));
-        Task::new("logged", 1, seq, 1, priority, event)
+        logged_task(seq, aggregate, sleep, priority)
     };
     // The earlier round: 100 tasks over ten accounts. The later one: a critical task for an
     // account of its own, then one more for each of the ten.
@@ -787,14 +835,7 @@ async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -
         .await?
         .await?;
     for (k, bundle) in [&early, &late].into_iter().enumerate() {
-        let mut headers = HeaderMap::new();
-        headers.insert(BUNDLE_HEADER, bundle.len().to_string().as_str());
-        headers.insert("Nats-Msg-Id", format!("bundle:test:{k}").as_str());
-        env.nats
-            .js
-            .publish_with_headers(subject.clone(), headers, serde_json::to_vec(bundle)?.into())
-            .await?
-            .await?;
+        write_bundle(&env, bundle, &format!("bundle:test:{k}")).await?;
     }
     let worker = |id: &str| {
         let mut s = settings.clone();
@@ -836,36 +877,19 @@ async fn a_stopping_worker_finishes_a_started_bundle_behind_an_unstarted_one() -
 /// the listener writes a backlog's round.
 #[tokio::test]
 async fn a_stopping_worker_waits_for_a_started_bundles_delayed_task() -> anyhow::Result<()> {
-    use grizzly_shared::task::BUNDLE_HEADER;
-    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
+    use grizzly_shared::Priority::Normal;
 
     let env = TestEnv::start().await?;
     let ran = logged_handler(&env, "events.never.*.op", 1);
     let mut settings = env.settings.clone();
     settings.partitions = 1;
     settings.worker.id = Some("w1".into());
-    let task = |seq: u64, aggregate: &str, sleep: f64| {
-        let subject = EventSubject::new("acct", aggregate, "op").expect("subject");
-        let event = EventEnvelope::new(&subject, "test", json!({"sleep": sleep}));
-        Task::new("logged", 1, seq, 1, Priority::Normal, event)
-    };
     // The first runs at once and is still running when the worker is told to stop; the second
     // may not start for another 2.5 s.
-    let mut later = task(2, "later", 0.0);
+    let mut later = logged_task(2, "later", 0.0, Normal);
     later.not_before_ms = Some(grizzly_shared::clock::now_ms() + 2_500);
-    let bundle = vec![task(1, "now", 0.5), later];
-    let mut headers = HeaderMap::new();
-    headers.insert(BUNDLE_HEADER, "2");
-    headers.insert("Nats-Msg-Id", "bundle:test:delayed");
-    env.nats
-        .js
-        .publish_with_headers(
-            bundle[0].subject(),
-            headers,
-            serde_json::to_vec(&bundle)?.into(),
-        )
-        .await?
-        .await?;
+    let bundle = vec![logged_task(1, "now", 0.5, Normal), later];
+    write_bundle(&env, &bundle, "bundle:test:delayed").await?;
     let w1 = env.start_worker_with(settings).await?;
     let until = tokio::time::Instant::now() + DEADLINE;
     while !std::fs::read_to_string(&ran).is_ok_and(|log| log.contains("now ")) {
@@ -897,35 +921,15 @@ async fn a_stopping_worker_waits_for_a_started_bundles_delayed_task() -> anyhow:
 #[tokio::test]
 async fn a_worker_taking_over_a_half_done_bundle_runs_only_what_was_not_done() -> anyhow::Result<()>
 {
-    use grizzly_shared::task::BUNDLE_HEADER;
-    use grizzly_shared::{EventEnvelope, EventSubject, Priority, Task};
-
     let env = TestEnv::start().await?;
     let ran = logged_handler(&env, "events.never.*.op", 1);
     let mut settings = env.settings.clone();
     settings.partitions = 1;
     // One aggregate: the ten run one after another, 0.3 s each.
-    let bundle: Vec<Task> = (1..=10)
-        .map(|seq| {
-            let subject = EventSubject::new("acct", "a", "op").expect("subject");
-            let event = EventEnvelope::new(&subject, "test", json!({"sleep": 0.3}));
-            Task::new("logged", 1, seq, 1, Priority::Normal, event)
-        })
+    let bundle: Vec<_> = (1..=10)
+        .map(|seq| logged_task(seq, "a", 0.3, grizzly_shared::Priority::Normal))
         .collect();
-    let mut headers = HeaderMap::new();
-    headers.insert(BUNDLE_HEADER, "10");
-    headers.insert("Nats-Msg-Id", "bundle:test:long");
-    let seq = env
-        .nats
-        .js
-        .publish_with_headers(
-            bundle[0].subject(),
-            headers,
-            serde_json::to_vec(&bundle)?.into(),
-        )
-        .await?
-        .await?
-        .sequence;
+    let seq = write_bundle(&env, &bundle, "bundle:test:long").await?;
     let mut first = grizzly_tests::ChildProcess::start("grizzly-worker", &settings, &[])?;
     let done = env
         .nats
@@ -988,25 +992,17 @@ async fn a_worker_taking_over_a_half_done_bundle_runs_only_what_was_not_done() -
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = std::fs::read_to_string(&ran)?;
-    let mut runs: HashMap<&str, usize> = HashMap::new();
-    let mut order = Vec::new();
-    for line in log.lines() {
-        let n = runs.entry(line).or_default();
-        if *n == 0 {
-            order.push(line);
-        }
-        *n += 1;
-    }
-    assert_eq!(order.len(), 10, "every task ran: {log}");
+    // One lane: first runs are in bundle order.
+    let runs = runs_in(&log);
+    assert_eq!(runs.len(), 10, "every task ran: {log}");
     for index in &done_before {
-        let line = order[*index as usize];
         assert_eq!(
-            runs[line], 1,
+            runs[*index as usize].1, 1,
             "task {index} was recorded done yet ran again: {log}"
         );
     }
     // At most the one running at the kill, and one done after the last record, ran twice.
-    let twice = runs.values().filter(|n| **n > 1).count();
+    let twice = runs.iter().filter(|(_, n)| *n > 1).count();
     assert!(twice <= 2, "{twice} ran twice: {log}");
     Ok(())
 }
