@@ -596,7 +596,12 @@ impl PartitionRunner {
         }
         // Drain: finish what is running; held tasks go back to the broker with the partition.
         while running.next().await.is_some() {}
+        // The last records (tasks done while draining) and deletes go out before the
+        // partition does.
         if let Some(r) = recording {
+            let _ = r.await;
+        }
+        if let Some(r) = self.record(&mut schedule) {
             let _ = r.await;
         }
         info!(worker = %self.env.worker_id, %handler, partition = self.partition, "partition released");
