@@ -720,7 +720,14 @@ impl PartitionRunner {
                 };
                 let value = serde_json::to_vec(&record).expect("serializable").into();
                 match store.put(&key, value).await {
-                    Ok(_) => bundle.recorded(n),
+                    Ok(_) => {
+                        bundle.recorded(n);
+                        // Settled meanwhile, before it counted as recorded: nobody else
+                        // deletes the record. (Settled later, it is deleted in a later round.)
+                        if bundle.all_done() {
+                            let _ = store.delete(&key).await;
+                        }
+                    }
                     Err(e) => warn!(key, error = %e, "cannot record a bundle's done tasks"),
                 }
             }
