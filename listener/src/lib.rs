@@ -79,7 +79,8 @@ async fn read_log(
 /// Below the JetStream context's in-flight window (see `grizzly_shared::nats::connect`).
 const MAX_OUTSTANDING_PUBLISHES: usize = 4096;
 /// Events in one round of a partition at most: what a worker re-runs at worst when it dies
-/// with a bundle half done.
+/// with a bundle half done before its runner recorded any of it (bundles held over a second
+/// are recorded, see the worker's `partition` module).
 const MAX_ROUND: usize = 256;
 /// A bundle message's payload at most (the broker's default message limit is 1 MiB); a
 /// larger one is split, the same way by every router.
