@@ -183,20 +183,29 @@ pub async fn ensure_lease_bucket(
     ttl: Duration,
     replicas: usize,
 ) -> Result<kv::Store, SetupError> {
+    ensure_bucket(js, LEASES_BUCKET, "Grizzly partition leases", ttl, replicas).await
+}
+
+/// A file-stored bucket keeping each key's latest value; entries expire after `max_age` (zero:
+/// never).
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &'static str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
     js.create_or_update_key_value(kv::Config {
-        bucket: LEASES_BUCKET.into(),
-        description: "Grizzly partition leases".into(),
+        bucket: bucket.into(),
+        description: description.into(),
         history: 1,
-        max_age: ttl,
+        max_age,
         storage: jetstream::stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
     })
     .await
-    .map_err(|source| SetupError::Bucket {
-        bucket: LEASES_BUCKET,
-        source,
-    })
+    .map_err(|source| SetupError::Bucket { bucket, source })
 }
 
 /// Until when a partition lease is surely still ours: the owner moves it on with every confirmed
@@ -260,19 +269,14 @@ pub async fn ensure_cursor_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, SetupError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: CURSORS_BUCKET.into(),
-        description: "Grizzly listener cursors per partition of the log".into(),
-        history: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
+    ensure_bucket(
+        js,
+        CURSORS_BUCKET,
+        "Grizzly listener cursors per partition of the log",
+        Duration::ZERO,
+        replicas,
+    )
     .await
-    .map_err(|source| SetupError::Bucket {
-        bucket: CURSORS_BUCKET,
-        source,
-    })
 }
 
 /// The workers' record of which tasks of a long-open bundle are done
@@ -282,20 +286,14 @@ pub async fn ensure_done_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, SetupError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: DONE_BUCKET.into(),
-        description: "Grizzly: done tasks of open bundles".into(),
-        history: 1,
-        max_age: DONE_TTL,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
+    ensure_bucket(
+        js,
+        DONE_BUCKET,
+        "Grizzly: done tasks of open bundles",
+        DONE_TTL,
+        replicas,
+    )
     .await
-    .map_err(|source| SetupError::Bucket {
-        bucket: DONE_BUCKET,
-        source,
-    })
 }
 
 /// The listeners' cursors by partition (see [`ensure_cursor_bucket`]); empty before any
