@@ -51,16 +51,21 @@ impl Bundle {
         self.recorded.store(n, Ordering::Relaxed);
     }
 
-    /// The done tasks, if more are done than recorded and some are still open.
+    /// The done tasks, if more are done than recorded and some are still open. Asked of every
+    /// long-held bundle on every recording round: the list is built only when it is due.
     pub(crate) fn unrecorded(&self) -> Option<Vec<u32>> {
         let open = self.open.lock().expect("bundle lock");
-        let done: Vec<u32> = (0u32..)
-            .zip(open.iter())
-            .filter(|(_, o)| !**o)
-            .map(|(i, _)| i)
-            .collect();
-        let fresh = done.len() > self.recorded.load(Ordering::Relaxed);
-        (fresh && done.len() < open.len()).then_some(done)
+        let done = open.iter().filter(|o| !**o).count();
+        if done <= self.recorded.load(Ordering::Relaxed) || done == open.len() {
+            return None;
+        }
+        Some(
+            (0u32..)
+                .zip(open.iter())
+                .filter(|(_, o)| !**o)
+                .map(|(i, _)| i)
+                .collect(),
+        )
     }
 
     pub(crate) fn recorded(&self, done: usize) {

@@ -364,11 +364,9 @@ impl PartitionRunner {
     pub async fn run(self, stop: CancellationToken) {
         let handler = self.ctx.name().to_string();
         // Read before the consumer exists: every bundle stored later is this runner's alone.
+        // (Fetching the stream fetches its info.)
         let inherited_to = match self.env.nats.js.get_stream(TASKS_STREAM).await {
-            Ok(mut stream) => match stream.info().await {
-                Ok(info) => info.state.last_sequence,
-                Err(_) => u64::MAX,
-            },
+            Ok(stream) => stream.cached_info().state.last_sequence,
             Err(_) => u64::MAX,
         };
         let mut consumer = loop {
