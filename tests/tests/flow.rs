@@ -931,27 +931,19 @@ async fn a_worker_taking_over_a_half_done_bundle_runs_only_what_was_not_done() -
         .collect();
     let seq = write_bundle(&env, &bundle, "bundle:test:long").await?;
     let mut first = grizzly_tests::ChildProcess::start("grizzly-worker", &settings, &[])?;
-    let done = env
-        .nats
-        .js
-        .get_key_value(grizzly_shared::nats::DONE_BUCKET)
-        .await;
     // The bucket exists once the worker is up.
     let until = tokio::time::Instant::now() + DEADLINE;
-    let done = match done {
-        Ok(kv) => kv,
-        Err(_) => loop {
-            if let Ok(kv) = env
-                .nats
-                .js
-                .get_key_value(grizzly_shared::nats::DONE_BUCKET)
-                .await
-            {
-                break kv;
-            }
-            anyhow::ensure!(tokio::time::Instant::now() < until, "no done bucket");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        },
+    let done = loop {
+        if let Ok(kv) = env
+            .nats
+            .js
+            .get_key_value(grizzly_shared::nats::DONE_BUCKET)
+            .await
+        {
+            break kv;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < until, "no done bucket");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let key = format!("logged.0.{seq}");
     let recorded = |value: Option<bytes::Bytes>| -> Vec<u64> {
