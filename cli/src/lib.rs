@@ -9,6 +9,7 @@ pub mod emit;
 pub mod events;
 pub mod fold;
 pub mod handlers;
+pub mod thread;
 pub mod usage;
 pub mod workflow;
 

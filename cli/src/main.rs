@@ -3,7 +3,8 @@
 use clap::Parser;
 
 // `grizzly dev` and `grizzly bench` run the listener and worker in this process: the same
-// allocator as their own binaries (see `grizzly-listener`), so the bench measures what ships.
+// allocator as their own binaries (see `grizzly-listener`), and each on a single-threaded
+// runtime of its own thread (`thread::spawn_component`), so the bench measures what ships.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
