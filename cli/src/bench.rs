@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use futures::{FutureExt as _, StreamExt};
+use futures::StreamExt;
 use grizzly_shared::Settings;
 use grizzly_shared::handler::load_handlers;
 use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
@@ -30,7 +30,7 @@ use grizzly_shared::subject::pattern_matches;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::thread::spawn_component;
+use crate::thread::{Component, spawn_component};
 use crate::usage::{self, CpuPerEvent, ProcessMemory};
 
 #[derive(clap::Subcommand)]
@@ -116,7 +116,7 @@ struct Bench {
     server: NatsServer,
     nats: Nats,
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    tasks: Vec<futures::future::BoxFuture<'static, anyhow::Result<()>>>,
 }
 
 impl Bench {
@@ -140,20 +140,12 @@ impl Bench {
         let nats = nats::connect(&settings.nats_url, "grizzly-bench", false).await?;
         nats::ensure_streams(&nats.js, &settings.streams).await?;
         let stop = CancellationToken::new();
-        let (s, h, st) = (settings.clone(), handlers.clone(), stop.clone());
-        let listener = spawn_component("listener", move || async move {
-            let nats = nats::connect(&s.nats_url, "bench-listener", false).await?;
-            let listener = grizzly_listener::Listener::new(nats, s, &h)?;
-            Ok(listener.run(st).boxed_local())
-        })
-        .await?;
-        let (st, s) = (stop.clone(), settings);
-        let worker = spawn_component("worker", move || async move {
-            let nats = nats::connect(&s.nats_url, "bench-worker", false).await?;
-            let worker = grizzly_worker::Worker::new(nats, s, &handlers)?;
-            Ok(worker.run(st).boxed_local())
-        })
-        .await?;
+        let start = |component, client| {
+            let (settings, handlers, stop) = (settings.clone(), handlers.clone(), stop.clone());
+            spawn_component(component, client, settings, handlers, stop, |_, _| {})
+        };
+        let listener = start(Component::Listener, "bench-listener").await?;
+        let worker = start(Component::Worker, "bench-worker").await?;
         let tasks = vec![listener, worker];
         Ok(Self {
             server,

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use futures::FutureExt as _;
 use grizzly_shared::Settings;
 use grizzly_shared::handler::load_handlers;
 use grizzly_shared::http::ObservabilityServer;
@@ -16,7 +15,7 @@ use grizzly_shared::nats_server::{NatsServer, NatsServerOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::thread::spawn_component;
+use crate::thread::{Component, spawn_component};
 
 #[derive(clap::Args)]
 pub struct DevArgs {
@@ -70,45 +69,29 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCo
         settings.metrics_addr = "127.0.0.1:9090".into();
     }
     let ops = ObservabilityServer::start_or_warn(&settings.metrics_addr).await;
-    let (health, stop) = (
-        ops.as_ref().map(|ops| ops.health().clone()),
-        shutdown.clone(),
-    );
-    let track = move |nats: &nats::Nats, component: &str, settings: &Settings| {
-        if let Some(health) = &health {
-            health.track(component, nats, settings, stop.clone());
+    // Registers a component's connection with the health endpoint.
+    let track = |component: &'static str| {
+        let (health, stop) = (
+            ops.as_ref().map(|ops| ops.health().clone()),
+            shutdown.clone(),
+        );
+        move |nats: &nats::Nats, settings: &Settings| {
+            if let Some(health) = &health {
+                health.track(component, nats, settings, stop);
+            }
         }
     };
 
     // The listener and the worker each on a thread of their own, as their binaries run.
-    let (s, h, t, stop) = (
-        settings.clone(),
-        handlers.clone(),
-        track.clone(),
-        shutdown.clone(),
-    );
-    let listener = spawn_component("listener", move || async move {
-        let nats = nats::connect(&s.nats_url, "grizzly-listener", false).await?;
-        t(&nats, "listener", &s);
-        let listener = grizzly_listener::Listener::new(nats, s, &h)?;
-        Ok(listener.run(stop).boxed_local())
-    })
-    .await?;
-    let (s, h, t, stop) = (
-        settings.clone(),
-        handlers.clone(),
-        track.clone(),
-        shutdown.clone(),
-    );
-    let worker = spawn_component("worker", move || async move {
-        let nats = nats::connect(&s.nats_url, "grizzly-worker", false).await?;
-        t(&nats, "worker", &s);
-        let worker = grizzly_worker::Worker::new(nats, s, &h)?;
-        Ok(worker.run(stop).boxed_local())
-    })
-    .await?;
+    let start = |component: Component, client| {
+        let (settings, handlers, stop) = (settings.clone(), handlers.clone(), shutdown.clone());
+        let connected = track(component.name());
+        spawn_component(component, client, settings, handlers, stop, connected)
+    };
+    let listener = start(Component::Listener, "grizzly-listener").await?;
+    let worker = start(Component::Worker, "grizzly-worker").await?;
     let nats = connect("grizzly-coordinator").await?;
-    track(&nats, "coordinator", &settings);
+    track("coordinator")(&nats, &settings);
     let coordinator = grizzly_coordinator::Coordinator::new(nats, settings.clone());
     eprintln!(
         "grizzly dev: broker {} | {} handler(s) from {} | Ctrl-C to stop\n  try: grizzly emit events.agent.a1.ping '{{\"x\":1}}'  and  grizzly events tail",
@@ -119,17 +102,14 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCo
     if let Some(ops) = &ops {
         eprintln!("  metrics: {0}/metrics  health: {0}/readyz", ops.url());
     }
-    let joined = |handle: tokio::task::JoinHandle<anyhow::Result<()>>| async move {
-        handle.await.unwrap_or_else(|e| Err(e.into()))
-    };
     let results = tokio::join!(
-        component("listener", shutdown.clone(), joined(listener)),
+        component("listener", shutdown.clone(), listener),
         component(
             "coordinator",
             shutdown.clone(),
             coordinator.run(shutdown.clone())
         ),
-        component("worker", shutdown.clone(), joined(worker)),
+        component("worker", shutdown.clone(), worker),
     );
     server.stop();
     eprintln!(
