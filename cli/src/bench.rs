@@ -349,6 +349,7 @@ impl Bench {
         let mut last = started;
         let mut dispatch = Vec::new();
         let mut dispatch_sent = Vec::new();
+        let mut stages = [Vec::new(), Vec::new()];
         let until = tokio::time::Instant::now() + deadline;
         while latencies.len() < n {
             let msg = tokio::time::timeout_at(until, messages.next())
@@ -376,15 +377,21 @@ impl Bench {
             latencies.push((at - *sent_at).as_seconds_f64() * 1000.0);
             last = last.max(at);
             let output = &data.output;
+            let unix_s = |t: &str| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(|t| t.unix_timestamp_nanos() as f64 / 1e9)
+            };
             if let (Some(t), Some(stored)) = (
                 output["t"].as_f64(),
-                output["time"].as_str().and_then(|t| {
-                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                        .ok()
-                }),
+                output["time"].as_str().and_then(unix_s),
             ) {
-                dispatch.push((t - stored.unix_timestamp_nanos() as f64 / 1e9) * 1000.0);
+                dispatch.push((t - stored) * 1000.0);
                 dispatch_sent.push((t - sent_at.unix_timestamp_nanos() as f64 / 1e9) * 1000.0);
+                if let Some(scheduled) = data.scheduled_at.as_deref().and_then(unix_s) {
+                    stages[0].push((scheduled - stored) * 1000.0);
+                    stages[1].push((t - scheduled) * 1000.0);
+                }
             }
             if sent < n {
                 let next = publish(sent, &mut published);
@@ -397,6 +404,7 @@ impl Bench {
             measured: Measured::new(latencies, (last - started).as_seconds_f64()),
             dispatch,
             dispatch_sent,
+            stages,
             cpu: cpu_before.zip(cpu_after).map(|(a, b)| a.per_event(&b, n)),
         })
     }
@@ -409,6 +417,9 @@ struct Batch {
     dispatch: Vec<f64>,
     /// Per event: handed to the client → the handler process had it, ms.
     dispatch_sent: Vec<f64>,
+    /// `dispatch` in two, per event (ms): stored → its task stored (the listener's routing and
+    /// the task's write), and task stored → the handler process had it (the worker).
+    stages: [Vec<f64>; 2],
     /// CPU per event from the first publish until every outcome was stored.
     cpu: Option<CpuPerEvent>,
 }
@@ -431,6 +442,8 @@ struct OutcomeData<'a> {
     error: Value,
     #[serde(default)]
     output: Value,
+    #[serde(borrow, default)]
+    scheduled_at: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Messages of a log reader, in order, as [`Bench::read_log_from_next`] drains them.
@@ -901,6 +914,9 @@ struct ModeFigures {
     /// `hop` and `dispatch` from the publish call instead of the broker's stored timestamp.
     hop_sent: Measured,
     dispatch_sent: Measured,
+    /// `dispatch` in two: stored → task stored, task stored → handler.
+    routing: Measured,
+    delivery: Measured,
     /// One event at a time: handed to the client → its outcome stored.
     at_rest: Measured,
     /// CPU per event of `raw`, `relay` and `full` (Linux only).
@@ -938,6 +954,7 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
             json!({"mode": m.mode(), "raw": m.raw, "relay": m.relay, "full": m.full,
                 "hop": m.hop, "dispatch": m.dispatch, "at_rest": m.at_rest,
                 "hop_from_publish": m.hop_sent, "dispatch_from_publish": m.dispatch_sent,
+                "dispatch_routing": m.routing, "dispatch_worker": m.delivery,
                 "full_over_raw": m.full_over_raw(), "full_over_relay": m.full_over_relay(),
                 "dispatch_over_hop": m.dispatch_over_hop(),
                 "dispatch_over_hop_from_publish": m.dispatch_over_hop_sent(),
@@ -1001,6 +1018,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             measured: at_rest,
             dispatch,
             dispatch_sent,
+            stages: [routing, delivery],
             ..
         } = bench
             .run_batch_with_dispatch(
@@ -1020,6 +1038,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         let span = latency_events as f64 / at_rest.events_per_s;
         let dispatch = Measured::new(dispatch, span);
         let dispatch_sent = Measured::new(dispatch_sent, span);
+        let routing = Measured::new(routing, span);
+        let delivery = Measured::new(delivery, span);
         let Batch {
             measured: full,
             cpu: cpu_full,
@@ -1044,6 +1064,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             dispatch,
             hop_sent,
             dispatch_sent,
+            routing,
+            delivery,
             at_rest,
             cpu_raw,
             cpu_relay,
@@ -1064,6 +1086,8 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         for (name, f) in [
             ("raw hop (stored → consumer)", &m.hop),
             ("dispatch (stored → handler)", &m.dispatch),
+            ("  routing (stored → task stored)", &m.routing),
+            ("  worker (task stored → handler)", &m.delivery),
             ("raw hop (publish → consumer)", &m.hop_sent),
             ("dispatch (publish → handler)", &m.dispatch_sent),
             ("full path (publish → outcome stored)", &m.at_rest),

@@ -235,6 +235,45 @@ async fn a_throttled_handler_never_exceeds_its_rate_and_loses_nothing() -> anyho
         .map(|o| o["output"]["n"].as_u64().unwrap())
         .collect();
     assert_eq!(ns.len(), 200, "every event handled once");
+    // The outcomes say where the events waited: each task was scheduled (stored in `TASKS`)
+    // right after its event, and the throttle held it in the worker until its start.
+    let rfc3339 = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("{t:?} is not RFC 3339: {e}"))
+    };
+    let stored: HashMap<&str, time::OffsetDateTime> = watch
+        .seen
+        .iter()
+        .filter_map(|e| e.event.as_ref())
+        .map(|e| (e.id.as_str(), rfc3339(&e.time)))
+        .collect();
+    let mut longest_routing = Duration::ZERO;
+    let mut longest_wait_ms = 0;
+    for o in outcomes(&watch.seen, "limited") {
+        let scheduled = rfc3339(o["scheduled_at"].as_str().expect("scheduled_at"));
+        let event = stored[o["event_id"].as_str().unwrap()];
+        assert!(
+            event <= scheduled,
+            "{o}: scheduled before its event was stored"
+        );
+        longest_routing = longest_routing.max((scheduled - event).try_into()?);
+        let scheduled_ms = (scheduled.unix_timestamp_nanos() / 1_000_000) as u64;
+        let started_ms = o["started_at_ms"].as_u64().unwrap();
+        // Broker and worker clocks are the same host's: 1 ms covers rounding.
+        assert!(
+            scheduled_ms <= started_ms + 1,
+            "{o}: started before it was scheduled"
+        );
+        longest_wait_ms = longest_wait_ms.max(started_ms.saturating_sub(scheduled_ms));
+    }
+    assert!(
+        longest_routing < Duration::from_secs(5),
+        "routing took {longest_routing:?}"
+    );
+    assert!(
+        longest_wait_ms > 20_000,
+        "the last events waited for the throttle in the worker, not in routing: {longest_wait_ms} ms"
+    );
     Ok(())
 }
 

@@ -34,7 +34,7 @@ use tracing::{Instrument as _, info, warn};
 use crate::delivery::Delivery;
 use crate::executor::{
     ExecutionEnv, HandlerContext, Slots, count_success, emitted_envelopes, note_transition,
-    outcome_subject, publish_events, source, write_dead_letter, write_failure,
+    outcome_subject, publish_events, scheduled_at, source, write_dead_letter, write_failure,
 };
 use crate::partition::{Schedule, rank};
 use crate::runtime::{BatchInput, Invocation, InvokeError};
@@ -366,6 +366,7 @@ pub(crate) async fn execute_batch(
                     if let Value::Object(map) = &mut data {
                         map.extend(result.details.clone());
                         map.extend(fields(Some(i)));
+                        map.extend(scheduled_at(&msgs[i]));
                     }
                     events.push(task.event.caused(
                         &outcome_subject(task, "handler_succeeded"),
@@ -401,7 +402,10 @@ pub(crate) async fn execute_batch(
                         duration_ms,
                         &error,
                         will_retry,
-                        fields(Some(i)),
+                        fields(Some(i))
+                            .into_iter()
+                            .chain(scheduled_at(&msgs[i]))
+                            .collect(),
                     )
                 }))
                 .await;

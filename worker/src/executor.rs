@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, message::PublishMessage};
 use backon::BackoffBuilder;
 use grizzly_shared::dlq::{AttemptError, DeadLetter, headers_to_map};
-use grizzly_shared::envelope::now_rfc3339;
+use grizzly_shared::envelope::{format_time, now_rfc3339};
 use grizzly_shared::handler::{LoadedHandler, may_emit};
 use grizzly_shared::metrics::{EventsOut, metrics};
 use grizzly_shared::nats::{Nats, publish_confirmed};
@@ -112,6 +112,7 @@ pub(crate) async fn execute(
     _slots: Slots,
 ) {
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    let scheduled = scheduled_at(&msg);
     // The version it was routed to (an older one may be draining, a newer one just registered).
     let resolved;
     let ctx = if task.handler_version == ctx.handler.spec.version {
@@ -125,18 +126,7 @@ pub(crate) async fn execute(
             Err(reason) => {
                 warn!(handler = %ctx.name(), event = %task.event.id, %reason, "task cannot run");
                 let error = InvokeError::Start(reason);
-                write_failure(
-                    ctx,
-                    env,
-                    &task,
-                    delivery,
-                    1,
-                    0,
-                    &error,
-                    false,
-                    Default::default(),
-                )
-                .await;
+                write_failure(ctx, env, &task, delivery, 1, 0, &error, false, scheduled).await;
                 let history = vec![AttemptError {
                     attempt: 1,
                     error: error.to_string(),
@@ -204,6 +194,7 @@ pub(crate) async fn execute(
                 result
                     .details
                     .insert("started_at_ms".into(), started_at_ms.into());
+                result.details.extend(scheduled);
                 note_transition(ctx, env, &task, ctx.breaker.record(true)).await;
                 count_success(ctx, &result, emitted.len());
                 write_success(ctx, env, &task, attempt, duration_ms, result, emitted).await;
@@ -235,7 +226,7 @@ pub(crate) async fn execute(
                     duration_ms,
                     &error,
                     will_retry,
-                    serde_json::Map::new(),
+                    scheduled.clone(),
                 )
                 .await;
                 drop(attempt_span);
@@ -251,6 +242,17 @@ pub(crate) async fn execute(
     if let Err(e) = msg.ack().await {
         warn!(error = %e, "task ack failed; a redelivery will be de-duplicated");
     }
+}
+
+/// `scheduled_at`: when the task's message was stored in `TASKS` (broker time, RFC 3339), for
+/// its outcomes. With the cause's `time` and `started_at_ms` it tells where an event waited:
+/// routing (listener) or the worker (slots, ordering, flow control).
+pub(crate) fn scheduled_at(msg: &jetstream::Message) -> serde_json::Map<String, Value> {
+    msg.info()
+        .map(|i| {
+            serde_json::Map::from_iter([("scheduled_at".into(), format_time(i.published).into())])
+        })
+        .unwrap_or_default()
 }
 
 /// Outcome, emitted events and model usage of a successful attempt.
