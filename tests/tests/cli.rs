@@ -418,3 +418,56 @@ fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyho
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--fast"));
     Ok(())
 }
+
+#[test]
+fn bench_workflows_runs_instances_beside_plain_events_and_reports_the_ratios() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("workflows.json");
+    let out = Command::new(bin_path("grizzly"))
+        .args(["bench", "workflows", "--instances", "40", "--json"])
+        .arg(&path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    // Every instance of the burst completed, and three plain events ran per instance.
+    assert_eq!(report["workflow_burst"]["events"], 40, "{report}");
+    assert_eq!(report["plain_burst"]["events"], 120, "{report}");
+    for key in [
+        "workflow_alone",
+        "plain_alone",
+        "workflow_burst",
+        "plain_burst",
+    ] {
+        for figure in ["p50_ms", "events_per_s"] {
+            let v = report[key][figure].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0, "{key}.{figure} = {v}: {report}");
+        }
+    }
+    for key in [
+        "workflow_steps_per_s_over_plain_events_per_s",
+        "workflow_alone_over_steps_plain_alone",
+    ] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {report}"
+        );
+        assert!(
+            stdout.contains("workflow steps/s ÷ plain events/s"),
+            "{stdout}"
+        );
+    }
+    // Bad input: no instances is refused, naming the flag.
+    let bad = Command::new(bin_path("grizzly"))
+        .args(["bench", "workflows", "--instances", "0"])
+        .output()?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--instances must be at least 1"), "{err}");
+    Ok(())
+}

@@ -9,6 +9,8 @@
 //!   relay) on the same server, with fsync on every write and with the broker default.
 //! - `success`: a `process` handler failing 1% of first attempts at random, retries on: the
 //!   share of events that succeed in the end and on the first attempt.
+//! - `workflows`: sequential workflows of three no-op steps against the same handler called by
+//!   plain events: what the coordinator adds per step.
 //!
 //! Every bench starts its own temporary `nats-server`, so it never touches a running system.
 
@@ -31,10 +33,20 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::thread::{Component, spawn_component};
+
+mod workflows;
 use crate::usage::{self, CpuPerEvent, ProcessMemory};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
+    /// Workflows of three no-op steps vs the same handler called by plain events.
+    Workflows {
+        /// Workflow instances in the burst (the plain baseline runs three events per instance).
+        #[arg(long, default_value_t = 2_000)]
+        instances: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Every bench in one run; one table with each figure beside its target (PASS/MISS).
     All {
         /// Write every figure (with cores, date and git commit) as JSON here.
@@ -103,6 +115,9 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
             (throughput_json(events, &figures), json)
         }
         BenchCommand::Success { events, json } => (success(events).await?.json(), json),
+        BenchCommand::Workflows { instances, json } => {
+            (workflows::workflows(instances).await?.json(), json)
+        }
     };
     if let Some(path) = path {
         write(&path, &serde_json::to_string_pretty(&report)?)?;
@@ -111,7 +126,8 @@ pub async fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// A temporary broker plus a listener and worker over the handlers in `dir`.
+/// A temporary broker plus a listener and worker over the handlers in `dir` (and a coordinator,
+/// for [`workflows`]).
 struct Bench {
     server: NatsServer,
     nats: Nats,
@@ -124,6 +140,18 @@ impl Bench {
         store: &Path,
         sync_always: bool,
         handlers_dir: &Path,
+        tune: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Self> {
+        Self::start_with(store, sync_always, handlers_dir, None, tune).await
+    }
+
+    /// [`Bench::start`], plus a coordinator running the workflows in `workflows_dir`, on the
+    /// bench's runtime as in `grizzly dev`.
+    async fn start_with(
+        store: &Path,
+        sync_always: bool,
+        handlers_dir: &Path,
+        workflows_dir: Option<&Path>,
         tune: impl FnOnce(&mut Settings),
     ) -> anyhow::Result<Self> {
         let mut options = NatsServerOptions::new(store);
@@ -146,7 +174,18 @@ impl Bench {
         };
         let listener = start(Component::Listener, "bench-listener").await?;
         let worker = start(Component::Worker, "bench-worker").await?;
-        let tasks = vec![listener, worker];
+        let mut tasks = vec![listener, worker];
+        if let Some(dir) = workflows_dir {
+            let settings = Settings {
+                workflows_dir: dir.to_path_buf(),
+                ..settings.clone()
+            };
+            let nats = nats::connect(&settings.nats_url, "bench-coordinator", false).await?;
+            let run = tokio::spawn(
+                grizzly_coordinator::Coordinator::new(nats, settings).run(stop.clone()),
+            );
+            tasks.push(Box::pin(async move { run.await? }));
+        }
         Ok(Self {
             server,
             nats,
@@ -237,7 +276,8 @@ impl Bench {
                     start_sequence: start_seq,
                 },
                 ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(60),
+                // Never pulled, only asked for its count: it must outlive the wait.
+                inactive_threshold: deadline + Duration::from_secs(60),
                 ..Default::default()
             })
             .await?;
@@ -964,6 +1004,12 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
     json!({"bench": "throughput", "events": events, "modes": modes})
 }
 
+/// The no-op `process` handler: answers every request line at once with the event's `time` and
+/// its own receipt time (for the dispatch latency), so the figures are Grizzly's path. Perl (part
+/// of every Debian base) reads buffered; `sed -u` read one byte per system call and cost as much
+/// CPU as Grizzly itself.
+const NOOP_HANDLER: &str = "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-MTime::HiRes=time\", \"-ne\", '$|=1; /\"time\":\"([^\"]+)\"/; printf qq({\"done\":true,\"output\":{\"t\":%.6f,\"time\":\"%s\"}}\\n), time, $1']\nconcurrency: 256\npool: { min: 4, max: 8 }\n";
+
 /// Full path vs raw JetStream on the same broker, for each mode in `modes` (`true` = fsync
 /// always).
 async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFigures>> {
@@ -971,14 +1017,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
     let dir = tempfile::tempdir()?;
     let handlers_dir = dir.path().join("handlers");
     std::fs::create_dir_all(&handlers_dir)?;
-    // The no-op handler answers every request line at once with the event's time and its own
-    // receipt time (for the dispatch latency), so the figure is Grizzly's path. Perl (part of
-    // every Debian base) reads buffered; `sed -u` read one byte per system call and cost as
-    // much CPU as Grizzly itself.
-    write(
-        &handlers_dir.join("noop.yaml"),
-        "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-MTime::HiRes=time\", \"-ne\", '$|=1; /\"time\":\"([^\"]+)\"/; printf qq({\"done\":true,\"output\":{\"t\":%.6f,\"time\":\"%s\"}}\\n), time, $1']\nconcurrency: 256\npool: { min: 4, max: 8 }\n",
-    )?;
+    write(&handlers_dir.join("noop.yaml"), NOOP_HANDLER)?;
     let mut out = Vec::new();
     println!(
         "\nfull path (publish → listener → worker → outcome) vs raw JetStream, {events} events of ~256 B"
