@@ -26,7 +26,9 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
-use grizzly_shared::nats::{EVENTS_STREAM, LeaseFence, Nats, publish_confirmed};
+use grizzly_shared::nats::{
+    EVENTS_STREAM, LeaseFence, Nats, publish_all_confirmed, publish_confirmed,
+};
 use grizzly_shared::task::partition_for;
 use grizzly_shared::{EventSubject, Settings, Task};
 use serde_json::{Value, json};
@@ -768,38 +770,55 @@ impl PartitionEngine {
         })
     }
 
-    /// Publishes effects in order, each confirmed; a task after its step event (it carries
-    /// the event's sequence).
+    /// Publishes effects in order, confirmed: first every event, sent together and then
+    /// confirmed one by one (one round trip, not one per event: a step's events went out one
+    /// after another), then the tasks, which carry their step event's sequence.
     async fn publish(&self, effects: &[Effect]) {
         let js = &self.shared.nats.js;
         let span = tracing::Span::current();
-        for effect in effects {
-            let mut event = effect.event().clone();
-            grizzly_shared::trace::stamp(&mut event, &span);
-            let event = &event;
-            let subject = event.subject().expect("valid").to_string();
-            let publish = PublishMessage::build()
-                .payload(event.to_json_bytes())
-                .headers(event.headers());
-            let ack = publish_confirmed(js, &subject, publish, None).await;
-            if let Effect::Task {
-                handler,
-                version,
-                priority,
-                lane,
-                timeout_ms,
-                max_attempts,
-                ..
-            } = effect
-            {
-                let partitions = self.shared.settings.partitions;
+        let events: Vec<EventEnvelope> = effects
+            .iter()
+            .map(|effect| {
+                let mut event = effect.event().clone();
+                grizzly_shared::trace::stamp(&mut event, &span);
+                event
+            })
+            .collect();
+        let publishes = events
+            .iter()
+            .map(|event| {
+                let publish = PublishMessage::build()
+                    .payload(event.to_json_bytes())
+                    .headers(event.headers());
+                (event.subject().expect("valid").to_string(), publish)
+            })
+            .collect();
+        let acks = publish_all_confirmed(js, publishes).await;
+        let partitions = self.shared.settings.partitions;
+        let tasks = effects
+            .iter()
+            .zip(events)
+            .zip(acks)
+            .filter_map(|((effect, event), ack)| {
+                let Effect::Task {
+                    handler,
+                    version,
+                    priority,
+                    lane,
+                    timeout_ms,
+                    max_attempts,
+                    ..
+                } = effect
+                else {
+                    return None;
+                };
                 let mut task = Task::new(
                     handler,
                     *version,
                     ack.sequence,
                     partitions,
                     *priority,
-                    event.clone(),
+                    event,
                 )
                 .with_ordering_key(lane.clone(), partitions);
                 task.timeout_ms = *timeout_ms;
@@ -807,9 +826,10 @@ impl PartitionEngine {
                 let publish = PublishMessage::build()
                     .payload(task.to_json_bytes())
                     .message_id(task.msg_id());
-                publish_confirmed(js, &task.subject(), publish, None).await;
-            }
-        }
+                Some((task.subject(), publish))
+            })
+            .collect();
+        publish_all_confirmed(js, tasks).await;
     }
 }
 

@@ -315,14 +315,7 @@ impl Pipeline {
 
 /// Issues every publish, then waits until the broker confirmed each (re-sending as needed).
 async fn confirm_all(js: &jetstream::Context, publishes: Vec<(String, PublishMessage)>) {
-    let mut issued = Vec::with_capacity(publishes.len());
-    for (subject, publish) in publishes {
-        let ack = js.send_publish(subject.clone(), publish.clone()).await.ok();
-        issued.push((subject, publish, ack));
-    }
-    for (subject, publish, ack) in issued {
-        nats::publish_confirmed(js, &subject, publish, ack).await;
-    }
+    nats::publish_all_confirmed(js, publishes).await;
 }
 
 /// A bundle message, before it becomes a publish.

@@ -364,6 +364,25 @@ pub async fn publish_confirmed(
     }
 }
 
+/// Issues every publish, then waits until the broker confirmed each, in order, re-sending as
+/// [`publish_confirmed`] does: one round trip for the lot instead of one per message. On one
+/// connection the broker stores them in the order they were issued.
+pub async fn publish_all_confirmed(
+    js: &jetstream::Context,
+    publishes: Vec<(String, jetstream::message::PublishMessage)>,
+) -> Vec<jetstream::publish::PublishAck> {
+    let mut issued = Vec::with_capacity(publishes.len());
+    for (subject, publish) in publishes {
+        let ack = js.send_publish(subject.clone(), publish.clone()).await.ok();
+        issued.push((subject, publish, ack));
+    }
+    let mut acks = Vec::with_capacity(issued.len());
+    for (subject, publish, ack) in issued {
+        acks.push(publish_confirmed(js, &subject, publish, ack).await);
+    }
+    acks
+}
+
 #[cfg(test)]
 mod redact_tests {
     #[test]
