@@ -13,6 +13,7 @@ use grizzly_shared::EventEnvelope;
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// How a node is attached to its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,6 +37,10 @@ pub struct HandlerRun {
     pub succeeded: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// When its task was scheduled (stored in `TASKS`), in ms after the root was appended:
+    /// the wait before it is routing, the wait after it the worker's (slots, order, throttle).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_offset_ms: Option<i64>,
     /// When the attempt started, in ms after the root was appended (successes only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_offset_ms: Option<i64>,
@@ -115,8 +120,13 @@ impl TraceNode {
             if let Some(d) = run.duration_ms {
                 what.push_str(&format!(" in {d}ms"));
             }
-            if let Some(s) = run.started_offset_ms {
-                what.push_str(&format!(" (started +{s}ms)"));
+            match (run.scheduled_offset_ms, run.started_offset_ms) {
+                (Some(q), Some(s)) => {
+                    what.push_str(&format!(" (scheduled +{q}ms, started +{s}ms)"))
+                }
+                (Some(q), None) => what.push_str(&format!(" (scheduled +{q}ms)")),
+                (None, Some(s)) => what.push_str(&format!(" (started +{s}ms)")),
+                (None, None) => {}
             }
             if let Some(e) = &run.error {
                 what.push_str(&format!(": {}", short(e, 80)));
@@ -177,6 +187,11 @@ fn handler_run(event: &EventEnvelope, root_ms: i64) -> Option<HandlerRun> {
         attempt: d.get("attempt").and_then(Value::as_u64),
         succeeded,
         duration_ms: d.get("duration_ms").and_then(Value::as_u64),
+        scheduled_offset_ms: d
+            .get("scheduled_at")
+            .and_then(Value::as_str)
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+            .map(|t| unix_ms(t) - root_ms),
         started_offset_ms: d
             .get("started_at_ms")
             .and_then(Value::as_i64)
@@ -277,6 +292,7 @@ impl TraceBuilder {
 mod tests {
     use super::*;
     use grizzly_shared::EventSubject;
+    use grizzly_shared::envelope::format_time;
     use serde_json::json;
     use time::Duration;
 
@@ -300,6 +316,7 @@ mod tests {
             &subject("events.agent.a1.handler_succeeded"),
             "grizzly/handler/echo",
             json!({"handler": "echo", "handler_version": 1, "attempt": 1, "duration_ms": 7,
+                   "scheduled_at": format_time(t0 + Duration::milliseconds(12)),
                    "started_at_ms": unix_ms(t0) + 20}),
             &["echo", "succeeded"],
         );
@@ -356,8 +373,13 @@ mod tests {
         );
         let run = tree.children[1].handler_run.as_ref().unwrap();
         assert_eq!(
-            (run.duration_ms, run.started_offset_ms, run.succeeded),
-            (Some(7), Some(20), true)
+            (
+                run.duration_ms,
+                run.scheduled_offset_ms,
+                run.started_offset_ms,
+                run.succeeded
+            ),
+            (Some(7), Some(12), Some(20), true)
         );
         let grandchild = &tree.children[0].children[0];
         assert_eq!(grandchild.by, "workflow wf step a");
@@ -372,7 +394,11 @@ mod tests {
         );
         assert!(lines[1].starts_with("├─ events.agent.a1.pong  seq 4  +20ms  handler echo"));
         assert!(lines[2].starts_with("│  └─ events.workflow.w1.step_started  seq 7  +50ms"));
-        assert!(lines[3].contains("handler echo: attempt 1 succeeded in 7ms (started +20ms)"));
+        assert!(
+            lines[3].contains(
+                "handler echo: attempt 1 succeeded in 7ms (scheduled +12ms, started +20ms)"
+            )
+        );
         assert!(
             lines[4].starts_with("└─ events.agent.a3.note") && lines[4].contains("[correlated")
         );

@@ -455,6 +455,13 @@ async fn replay_and_trace_a_recorded_run() -> anyhow::Result<()> {
         (&json!("echo"), &json!(1), &json!(true))
     );
     assert!(run_info["duration_ms"].is_u64() && run_info["started_offset_ms"].is_i64());
+    // Scheduled (its task stored) after the root was stored, and started no earlier (the
+    // outcome's start is in whole ms, the schedule rounded down to them).
+    let scheduled = run_info["scheduled_offset_ms"].as_i64().expect("scheduled");
+    assert!(
+        (0..=run_info["started_offset_ms"].as_i64().unwrap()).contains(&scheduled),
+        "{run_info}"
+    );
     let offsets: Vec<i64> = tree["children"]
         .as_array()
         .unwrap()
@@ -482,7 +489,8 @@ async fn replay_and_trace_a_recorded_run() -> anyhow::Result<()> {
     );
     assert!(
         lines[2].starts_with("├─ events.agent.a1.handler_succeeded")
-            && lines[2].contains("handler echo: attempt 1 succeeded in "),
+            && lines[2].contains("handler echo: attempt 1 succeeded in ")
+            && lines[2].contains("(scheduled +"),
         "{}",
         lines[2]
     );
