@@ -344,6 +344,25 @@ const BENCH_FIGURES: &[&str] = &[
     "first_attempt_success_pct",
 ];
 
+/// Runs `grizzly bench <args> --json FILE`, which must succeed: its printed table and its JSON.
+fn bench_json(args: &[&str]) -> anyhow::Result<(String, serde_json::Value)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bench.json");
+    let out = Command::new(bin_path("grizzly"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((stdout, serde_json::from_slice(&std::fs::read(&path)?)?))
+}
+
 /// The figures that have a target (a PASS/MISS row each).
 const BENCH_TARGETS: &[&str] = &[
     "warm1_p50_ms",
@@ -361,19 +380,7 @@ const BENCH_TARGETS: &[&str] = &[
 
 #[test]
 fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bench.json");
-    let out = Command::new(bin_path("grizzly"))
-        .args(["bench", "all", "--quick", "--json"])
-        .arg(&path)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let (stdout, report) = bench_json(&["all", "--quick"])?;
     for key in BENCH_FIGURES {
         assert!(
             report["figures"][key].is_number(),
@@ -422,19 +429,7 @@ fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyho
 #[test]
 fn bench_workflows_runs_instances_beside_plain_events_and_reports_the_ratios() -> anyhow::Result<()>
 {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("workflows.json");
-    let out = Command::new(bin_path("grizzly"))
-        .args(["bench", "workflows", "--instances", "40", "--json"])
-        .arg(&path)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let (stdout, report) = bench_json(&["workflows", "--instances", "40"])?;
     // Every instance of the burst completed, and three plain events ran per instance.
     assert_eq!(report["workflow_burst"]["events"], 40, "{report}");
     assert_eq!(report["plain_burst"]["events"], 120, "{report}");

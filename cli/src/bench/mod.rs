@@ -498,6 +498,14 @@ struct Measured {
 }
 
 impl Measured {
+    /// A table row: `name` in a column of `width`, then rate, p50 and p99.
+    fn row(&self, name: &str, width: usize) -> String {
+        format!(
+            "{name:<width$} {:>10.0} {:>10.2} {:>10.2}",
+            self.events_per_s, self.p50_ms, self.p99_ms
+        )
+    }
+
     fn new(mut latencies_ms: Vec<f64>, span_s: f64) -> Self {
         latencies_ms.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| {
@@ -1116,10 +1124,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             ("raw relay (consume→publish→ack)", &m.relay),
             ("grizzly full path", &m.full),
         ] {
-            println!(
-                "{:<36} {:>10.0} {:>10.2} {:>10.2}   [{mode}]",
-                name, f.events_per_s, f.p50_ms, f.p99_ms
-            );
+            println!("{}   [{mode}]", f.row(name, 36));
         }
         println!("  one event at a time ({latency_events} events):");
         for (name, f) in [

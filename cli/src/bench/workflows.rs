@@ -147,10 +147,7 @@ impl WorkflowFigures {
             ("plain events, burst", &self.plain_burst),
             ("workflow instances, burst", &self.flow_burst),
         ] {
-            println!(
-                "{:<44} {:>10.0} {:>10.2} {:>10.2}",
-                name, m.events_per_s, m.p50_ms, m.p99_ms
-            );
+            println!("{}", m.row(name, 44));
         }
         println!(
             "  workflow steps/s ÷ plain events/s = {:.2}; one instance ÷ {STEPS} plain events one at a time = {:.2}",
