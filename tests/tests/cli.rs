@@ -333,6 +333,8 @@ const BENCH_FIGURES: &[&str] = &[
     "hop_p50_ms_default",
     "dispatch_p50_ms_default",
     "dispatch_p99_ms_default",
+    "dispatch_routing_p50_ms_default",
+    "dispatch_worker_p50_ms_default",
     "at_rest_p50_ms_default",
     "dispatch_over_hop_default",
     "hop_from_publish_p50_ms_default",

@@ -1453,6 +1453,15 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         put(format!("hop_p99_ms_{suffix}"), m.hop.p99_ms);
         put(format!("dispatch_p50_ms_{suffix}"), m.dispatch.p50_ms);
         put(format!("dispatch_p99_ms_{suffix}"), m.dispatch.p99_ms);
+        // The dispatch in two, at the task's store (the outcomes' `scheduled_at`).
+        put(
+            format!("dispatch_routing_p50_ms_{suffix}"),
+            m.routing.p50_ms,
+        );
+        put(
+            format!("dispatch_worker_p50_ms_{suffix}"),
+            m.delivery.p50_ms,
+        );
         put(format!("at_rest_p50_ms_{suffix}"), m.at_rest.p50_ms);
         put(format!("dispatch_over_hop_{suffix}"), m.dispatch_over_hop());
         put(
