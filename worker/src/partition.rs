@@ -123,6 +123,46 @@ pub(crate) struct Schedule {
     inherited_to: u64,
     /// Sequences of settled bundles whose record is to be deleted.
     forget: Vec<u64>,
+    /// Messages acked lately, done and not to run again if they come back.
+    acked: Acked,
+}
+
+/// The messages a runner acked lately (the last [`Acked::KEEP`]), by `TASKS` sequence and the
+/// broker's stored time (a `TASKS` stream made anew starts its sequences over). An ack can be
+/// lost: sent while the consumer was being recreated, before the new one had delivered the
+/// message again (the broker honours an earlier incarnation's ack only for a message the new one
+/// has pending), or to a broker that restarted and forgot the consumer. The message then comes
+/// back with its work done; it is acked again instead of run again.
+#[derive(Default)]
+struct Acked {
+    stored: HashMap<u64, i128>,
+    order: VecDeque<u64>,
+}
+
+impl Acked {
+    const KEEP: usize = 8192;
+
+    fn insert(&mut self, seq: u64, stored: i128) {
+        if self.stored.insert(seq, stored).is_none() {
+            self.order.push_back(seq);
+        }
+        while self.order.len() > Self::KEEP {
+            if let Some(oldest) = self.order.pop_front() {
+                self.stored.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, seq: u64, stored: i128) -> bool {
+        self.stored.get(&seq) == Some(&stored)
+    }
+}
+
+/// When the broker stored `msg` (ns), part of its identity beside its sequence.
+fn stored_ns(msg: &jetstream::Message) -> i128 {
+    msg.info()
+        .map(|i| i.published.unix_timestamp_nanos())
+        .unwrap_or_default()
 }
 
 /// 0 = critical … 3 = low.
@@ -254,6 +294,9 @@ impl Schedule {
                 self.len -= 1;
                 self.running_seqs.remove(&(held.seq, held.index));
                 if held.msg.settled() {
+                    // The work that finished acked it (the last task of a bundle acks the
+                    // bundle).
+                    self.acked.insert(held.seq, stored_ns(&held.msg));
                     settled.push(held.seq);
                 }
             }
@@ -606,14 +649,20 @@ impl PartitionRunner {
     }
 
     async fn accept(&self, msg: jetstream::Message, schedule: &mut Schedule) {
-        let seq = match msg.info() {
-            Ok(info) => info.stream_sequence,
+        let (seq, stored) = match msg.info() {
+            Ok(info) => (info.stream_sequence, info.published.unix_timestamp_nanos()),
             Err(e) => {
                 // Not a JetStream delivery: nothing to ack, nothing to run.
                 warn!(subject = %msg.subject, error = %e, "task without delivery metadata ignored");
                 return;
             }
         };
+        if schedule.acked.contains(seq, stored) {
+            // Done and acked here before, but that ack was lost.
+            debug!(handler = %self.ctx.name(), partition = self.partition, seq, "done task delivered again; acked, not run");
+            let _ = msg.ack().await;
+            return;
+        }
         let arrived = Instant::now();
         if !is_bundle(&msg) {
             // A recreated consumer delivers a running task again; the running one acks it.
@@ -805,6 +854,22 @@ async fn terminate_malformed(msg: jetstream::Message, e: &serde_json::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acked_messages_are_known_by_sequence_and_stored_time_until_evicted() {
+        let mut acked = Acked::default();
+        acked.insert(7, 1_000);
+        assert!(acked.contains(7, 1_000));
+        // Same sequence, another message (the stream was made anew).
+        assert!(!acked.contains(7, 2_000));
+        assert!(!acked.contains(8, 1_000));
+        for seq in 100..100 + Acked::KEEP as u64 {
+            acked.insert(seq, 5);
+        }
+        assert!(!acked.contains(7, 1_000), "the oldest goes first");
+        assert!(acked.contains(100, 5) && acked.contains(99 + Acked::KEEP as u64, 5));
+        assert_eq!(acked.stored.len(), Acked::KEEP);
+    }
 
     #[test]
     fn aging_promotes_waiting_lanes() {
