@@ -278,10 +278,10 @@ impl Pipeline {
             };
             let writing = async move {
                 let revision = announce(&rounds, partition, announcement, revision).await?;
-                confirm_all(&js, publishes).await;
+                nats::publish_all_confirmed(&js, publishes).await;
                 // One after another: an aggregate's tasks land in log order.
                 for publish in alone {
-                    confirm_all(&js, vec![publish]).await;
+                    nats::publish_all_confirmed(&js, vec![publish]).await;
                 }
                 Ok(Some(revision))
             };
@@ -294,7 +294,7 @@ impl Pipeline {
                         Write::Task { task, .. } => single(&task),
                         Write::Other(subject, publish) => (subject, publish),
                     });
-                    confirm_all(&js, publishes.collect()).await;
+                    nats::publish_all_confirmed(&js, publishes.collect()).await;
                 }
                 Ok(None)
             };
@@ -311,11 +311,6 @@ impl Pipeline {
             }
         }));
     }
-}
-
-/// Issues every publish, then waits until the broker confirmed each (re-sending as needed).
-async fn confirm_all(js: &jetstream::Context, publishes: Vec<(String, PublishMessage)>) {
-    nats::publish_all_confirmed(js, publishes).await;
 }
 
 /// A bundle message, before it becomes a publish.

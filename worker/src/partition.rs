@@ -91,6 +91,8 @@ pub(crate) struct Held {
     /// Where `msg` is stored in `TASKS`, and the task's place in it (0 unless a bundle).
     seq: u64,
     index: u32,
+    /// When the broker stored `msg` (ns): with `seq`, which message it is (see [`Acked`]).
+    stored: i128,
     arrived: Instant,
 }
 
@@ -156,13 +158,6 @@ impl Acked {
     fn contains(&self, seq: u64, stored: i128) -> bool {
         self.stored.get(&seq) == Some(&stored)
     }
-}
-
-/// When the broker stored `msg` (ns), part of its identity beside its sequence.
-fn stored_ns(msg: &jetstream::Message) -> i128 {
-    msg.info()
-        .map(|i| i.published.unix_timestamp_nanos())
-        .unwrap_or_default()
 }
 
 /// 0 = critical … 3 = low.
@@ -296,7 +291,7 @@ impl Schedule {
                 if held.msg.settled() {
                     // The work that finished acked it (the last task of a bundle acks the
                     // bundle).
-                    self.acked.insert(held.seq, stored_ns(&held.msg));
+                    self.acked.insert(held.seq, held.stored);
                     settled.push(held.seq);
                 }
             }
@@ -675,6 +670,7 @@ impl PartitionRunner {
                     task,
                     seq,
                     index: 0,
+                    stored,
                     arrived,
                 }),
                 Err(e) => terminate_malformed(msg, &e).await,
@@ -704,6 +700,7 @@ impl PartitionRunner {
                     task,
                     seq,
                     index,
+                    stored,
                     arrived,
                 });
             }

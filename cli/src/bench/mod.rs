@@ -33,9 +33,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::thread::{Component, spawn_component};
+use crate::usage::{self, CpuPerEvent, ProcessMemory};
 
 mod workflows;
-use crate::usage::{self, CpuPerEvent, ProcessMemory};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {

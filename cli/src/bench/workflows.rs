@@ -11,9 +11,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use grizzly_coordinator::instance::instance_id_for_trigger;
-use serde_json::{Value, json};
-
 use grizzly_shared::Settings;
+use serde_json::{Value, json};
 
 use super::{Bench, Measured, NOOP_HANDLER, publish_all, write};
 
