@@ -1,27 +1,29 @@
 //! One partition of workflow instances (`partition_for(instance_id)`), owned by exactly one
 //! coordinator at a time (KV lease `wf.partition.<p>`).
 //!
-//! The engine consumes `EVENTS` with its own durable consumer `coordinator-<p>-<id>` (a fresh id
-//! per owner and restart, see [`recreate_from_ack_floor`]; filtered on
-//! `events.workflow.>` plus every trigger and wait pattern) strictly one message at a time:
+//! The engine is fed the log by its process's [`Reader`] (one ordered consumer for every owned
+//! partition, filtered on `events.workflow.>` plus every trigger and wait pattern) and applies
+//! it strictly one event at a time:
 //! 1. route the event to the instances of this partition it concerns (a trigger, a step outcome,
 //!    an awaited event, a timer, a child's end, an operator request);
 //! 2. apply it ([`InstanceState::apply`]) and checkpoint the new state *with its effects* in KV
 //!    `grizzly_wf_instances` (compare-and-set on the revision read);
 //! 3. publish the effects (events, then tasks), each confirmed by the broker;
-//! 4. ack.
+//! 4. move on; once a second, write the partition's cursor (`cursor.<p>`, the sequence from
+//!    which it still has to apply the log).
 //!
-//! A crash anywhere replays the message: an instance whose `last_seq` already covers it only
-//! re-publishes its outbox (same ids, dropped as duplicates). Taking a partition over recreates
-//! the consumer from its ack floor, so events are applied in log order across fail-overs.
-//! Timers live in the checkpoints; the owner fires due ones as `timer_fired` events.
+//! A crash anywhere replays from the cursor: an instance whose `last_seq` already covers an
+//! event skips it, and re-publishes its outbox for the last one it applied (same ids, dropped
+//! as duplicates), so no step runs twice. A new owner starts at the cursor, so events are
+//! applied in log order across fail-overs. Timers live in the checkpoints; the owner fires
+//! due ones as `timer_fired` events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
@@ -39,12 +41,13 @@ use crate::instance::{
     AGGREGATE, Ctx, Effect, Input, InstanceState, ParentRef, SOURCE, instance_id_for_trigger,
     timer_event_id,
 };
+use crate::reader::{Reader, cursor_key};
 use crate::registry::Registry;
 
 pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
-/// Ack wait of the partition consumers; a new owner does not wait for it (it recreates the
-/// consumer from the ack floor).
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often a partition writes its cursor while it applies events: a coordinator killed
+/// replays at most about this much of the log (harmless, see the module docs).
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
 
 /// The owner line of a partition's consumers (see [`recreate_from_ack_floor`]).
 pub fn consumer_name(partition: u16) -> String {
@@ -73,6 +76,7 @@ pub struct Shared {
     pub settings: Settings,
     pub registry: Registry,
     pub checkpoints: kv::Store,
+    pub cursors: kv::Store,
 }
 
 /// What an event means for one instance.
@@ -94,12 +98,18 @@ struct Cached {
 
 pub struct PartitionEngine {
     pub shared: Arc<Shared>,
+    reader: Reader,
     pub partition: u16,
     /// Past it the partition may be another coordinator's: pull nothing, fire no timer.
     fence: LeaseFence,
     instances: HashMap<String, Cached>,
+    /// The cached instances waiting on an event: every event the partition is fed is matched
+    /// against their waits (all instances would cost O(instances) per event).
+    waiting: HashSet<String>,
     /// Timers whose `timer_fired` was published and not applied yet.
     fired: HashSet<(String, String)>,
+    /// The earliest due timer not fired yet, once computed; `None` after a change.
+    due: Option<Option<u64>>,
 }
 
 pub use grizzly_shared::clock::now_ms;
@@ -241,14 +251,33 @@ fn of_line(name: &str, line: &str) -> bool {
 }
 
 impl PartitionEngine {
-    pub fn new(shared: Arc<Shared>, partition: u16, fence: LeaseFence) -> Self {
+    pub fn new(shared: Arc<Shared>, reader: Reader, partition: u16, fence: LeaseFence) -> Self {
         Self {
             shared,
+            reader,
             partition,
             fence,
             instances: HashMap::new(),
+            waiting: HashSet::new(),
             fired: HashSet::new(),
+            due: None,
         }
+    }
+
+    fn cache(&mut self, instance: String, cached: Cached) {
+        if cached.state.waits().is_empty() {
+            self.waiting.remove(&instance);
+        } else {
+            self.waiting.insert(instance.clone());
+        }
+        self.instances.insert(instance, cached);
+        self.due = None;
+    }
+
+    fn uncache(&mut self, instance: &str) -> Option<Cached> {
+        self.waiting.remove(instance);
+        self.due = None;
+        self.instances.remove(instance)
     }
 
     fn mine(&self, instance: &str) -> bool {
@@ -258,7 +287,9 @@ impl PartitionEngine {
     /// Loads the unfinished instances of this partition.
     async fn load(&mut self) -> anyhow::Result<()> {
         self.instances.clear();
-        let kv = &self.shared.checkpoints;
+        self.waiting.clear();
+        self.due = None;
+        let kv = self.shared.checkpoints.clone();
         let mut keys = kv.keys().await?;
         let mut mine = Vec::new();
         while let Some(key) = keys.next().await {
@@ -281,7 +312,7 @@ impl PartitionEngine {
                 {
                     error!(instance = %key, error = %e, "definition of a running instance is missing");
                 }
-                self.instances.insert(
+                self.cache(
                     key,
                     Cached {
                         state,
@@ -293,41 +324,59 @@ impl PartitionEngine {
         Ok(())
     }
 
-    async fn fresh_consumer(&self) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-        let filter_subjects = filter_subjects(&self.shared.registry.subscriptions());
-        debug!(
-            partition = self.partition,
-            ?filter_subjects,
-            "partition consumer"
-        );
-        recreate_from_ack_floor(
-            &self.shared.nats.js,
-            &consumer_name(self.partition),
-            pull::Config {
-                description: Some(format!(
-                    "workflow instances of partition {}",
-                    self.partition
-                )),
-                filter_subjects,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: 256,
-                ..Default::default()
-            },
-        )
-        .await
+    /// Where this partition resumes: its cursor; for a partition last run by a release with
+    /// a durable consumer of its own, that consumer's ack floor (the consumers are deleted:
+    /// nothing reads them any more).
+    async fn resume_point(&self) -> anyhow::Result<u64> {
+        let key = cursor_key(self.partition);
+        if let Some(value) = self.shared.cursors.get(&key).await? {
+            match std::str::from_utf8(&value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                Some(from) => return Ok(from),
+                // Replaying the whole log is slow but harmless (`last_seq`); skipping is not.
+                None => {
+                    error!(partition = self.partition, cursor = %String::from_utf8_lossy(&value), "the cursor is not a stream sequence; replaying the log from its start");
+                    return Ok(1);
+                }
+            }
+        }
+        let stream = self.shared.nats.js.get_stream(EVENTS_STREAM).await?;
+        let line = consumers_of_line(&stream, &consumer_name(self.partition)).await?;
+        let from = line
+            .iter()
+            .max_by_key(|info| info.created)
+            .map_or(1, |info| info.ack_floor.stream_sequence + 1);
+        for info in &line {
+            stream.delete_consumer(&info.name).await?;
+        }
+        Ok(from)
+    }
+
+    /// Writes the partition's cursor, while the partition is surely still this coordinator's
+    /// (a lapsed owner's cursor may be behind its successor's; replaying is harmless, but
+    /// there is no need for it).
+    async fn save_cursor(&self, next: u64) {
+        if !self.fence.held() {
+            return;
+        }
+        let key = cursor_key(self.partition);
+        if let Err(e) = self.shared.cursors.put(&key, next.to_string().into()).await {
+            warn!(partition = self.partition, error = %e, "cannot write the cursor; the next owner replays more");
+        }
     }
 
     /// Runs the partition until `stop`.
     pub async fn run(mut self, stop: CancellationToken) {
         let p = self.partition;
-        let mut consumer = loop {
+        let mut next = loop {
             let ready = async {
                 self.load().await.context("loading checkpoints")?;
-                self.fresh_consumer().await.context("partition consumer")
+                self.resume_point().await.context("partition cursor")
             };
             match ready.await {
-                Ok(c) => break c,
+                Ok(from) => break from,
                 Err(e) => {
                     warn!(partition = p, error = %e, "cannot take partition yet; retrying");
                     tokio::select! {
@@ -340,59 +389,30 @@ impl PartitionEngine {
         info!(
             partition = p,
             instances = self.instances.len(),
+            from = next,
             "workflow partition acquired"
         );
         let fence = self.fence.clone();
-        let mut recreate = false;
-        'pull: while !stop.is_cancelled() {
+        let mut saved = (next, tokio::time::Instant::now());
+        'feed: while !stop.is_cancelled() {
             if !fence.held() {
-                // Back in possession (renewed), the fresh consumer resumes from the ack floor.
-                recreate = true;
+                // Back in possession (renewed), it resumes where it stopped applying.
                 tokio::select! {
-                    _ = stop.cancelled() => break 'pull,
+                    _ = stop.cancelled() => break 'feed,
                     _ = fence.renewed() => {}
                 }
             }
-            if std::mem::take(&mut recreate) {
-                match self.fresh_consumer().await {
-                    Ok(c) => consumer = c,
-                    Err(e) => {
-                        recreate = true;
-                        warn!(partition = p, error = %e, "cannot recreate partition consumer");
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                        }
-                    }
-                }
-            }
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(64)
-                .heartbeat(Duration::from_secs(2))
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(partition = p, error = %e, "cannot pull events; retrying");
-                    recreate = true;
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    }
-                }
-            };
+            let mut feed = self.reader.subscribe(p, next);
             loop {
                 if !fence.held() {
-                    // Not surely ours any more: close the pull at once. An open pull keeps
-                    // asking, and once a successor has recreated `coordinator-<p>` those requests
-                    // would take its events; an instance whose later event the successor applied
-                    // first skips the earlier one as already covered (`last_seq`).
-                    continue 'pull;
+                    // Not surely ours any more: apply nothing (dropping the feed ends it).
+                    continue 'feed;
                 }
                 self.fire_due_timers().await;
+                if next > saved.0 && saved.1.elapsed() >= CURSOR_EVERY {
+                    self.save_cursor(next).await;
+                    saved = (next, tokio::time::Instant::now());
+                }
                 let next_due = self.next_due();
                 let sleep = async {
                     match next_due {
@@ -400,54 +420,61 @@ impl PartitionEngine {
                             tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms())))
                                 .await
                         }
-                        None => futures::future::pending().await,
+                        None => tokio::time::sleep(CURSOR_EVERY).await,
                     }
                 };
                 tokio::select! {
                     biased;
-                    _ = stop.cancelled() => break 'pull,
-                    _ = fence.lapsed() => continue 'pull,
+                    _ = stop.cancelled() => break 'feed,
+                    _ = fence.lapsed() => continue 'feed,
                     _ = sleep => {}
-                    next = messages.next() => match next {
-                        Some(Ok(msg)) => {
+                    msg = feed.recv() => match msg {
+                        Some(msg) => {
+                            let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+                                continue;
+                            };
                             self.handle(&msg).await;
-                            if let Err(e) = msg.ack().await {
-                                warn!(error = %e, "ack failed; the event will be replayed (idempotent)");
-                            }
+                            next = seq + 1;
                         }
-                        Some(Err(e)) => {
-                            // e.g. a missed heartbeat under load: recreate in log order.
-                            warn!(partition = p, error = %e, "event pull interrupted; resuming");
-                            recreate = true;
-                            continue 'pull;
-                        }
-                        None => {
-                            recreate = true;
-                            continue 'pull;
-                        }
+                        // The reader stopped: the process is shutting down.
+                        None => break 'feed,
                     },
                 }
             }
         }
+        if next > saved.0 {
+            self.save_cursor(next).await;
+        }
         info!(partition = p, "workflow partition released");
     }
 
-    fn next_due(&self) -> Option<u64> {
-        self.instances
+    fn next_due(&mut self) -> Option<u64> {
+        if let Some(due) = self.due {
+            return due;
+        }
+        let fired = &self.fired;
+        let due = self
+            .instances
             .iter()
             .flat_map(|(id, c)| {
                 c.state
                     .timers
                     .iter()
-                    .filter(move |(t, _)| !self.fired.contains(&(id.clone(), (*t).clone())))
+                    .filter(move |(t, _)| !fired.contains(&(id.clone(), (*t).clone())))
                     .map(|(_, due)| *due)
             })
-            .min()
+            .min();
+        self.due = Some(due);
+        due
     }
 
     /// Publishes `timer_fired` for every due timer (applied when it comes back in the log).
     async fn fire_due_timers(&mut self) {
         let now = now_ms();
+        if self.next_due().is_none_or(|due| due > now) {
+            return;
+        }
+        self.due = None;
         let due: Vec<(String, String, String)> = self
             .instances
             .iter()
@@ -592,11 +619,17 @@ impl PartitionEngine {
                 ));
             }
         }
-        let event_json = serde_json::to_value(event).unwrap_or_default();
-        for (id, cached) in &self.instances {
+        // Serialized only for an event some instance waits on.
+        let mut event_json = None;
+        for id in &self.waiting {
+            let Some(cached) = self.instances.get(id) else {
+                continue;
+            };
             for (step, wait) in cached.state.waits() {
                 if wait.matches(msg.subject, event) {
-                    let mut ev = event_json.clone();
+                    let mut ev = event_json
+                        .get_or_insert_with(|| serde_json::to_value(event).unwrap_or_default())
+                        .clone();
                     ev["subject"] = json!(msg.subject);
                     out.push((
                         id.clone(),
@@ -632,12 +665,12 @@ impl PartitionEngine {
                     if seq == c.state.last_seq {
                         self.publish(&c.state.outbox).await;
                     }
-                    self.instances.insert(instance.to_string(), c);
+                    self.cache(instance.to_string(), c);
                     return;
                 }
                 (Some(c), Routed::Start { .. }) => {
                     // Started already (a replayed trigger beyond the dedup window).
-                    self.instances.insert(instance.to_string(), c);
+                    self.cache(instance.to_string(), c);
                     return;
                 }
                 (None, Routed::Input(_)) => return,
@@ -707,7 +740,7 @@ impl PartitionEngine {
                     let mut st = c.state.clone();
                     let fx = st.apply(&ctx, input.clone());
                     if fx.is_empty() && st == c.state {
-                        self.instances.insert(instance.to_string(), c);
+                        self.cache(instance.to_string(), c);
                         return;
                     }
                     st.last_seq = seq;
@@ -735,9 +768,9 @@ impl PartitionEngine {
                     self.fired
                         .retain(|(i, t)| i != instance || next.timers.contains_key(t));
                     if done {
-                        self.instances.remove(instance);
+                        self.uncache(instance);
                     } else {
-                        self.instances.insert(
+                        self.cache(
                             instance.to_string(),
                             Cached {
                                 state: next,
@@ -750,7 +783,7 @@ impl PartitionEngine {
                 Err(e) => {
                     // Someone else wrote (a previous owner still finishing): read and redo.
                     warn!(%instance, error = %e, "checkpoint conflict; re-reading");
-                    self.instances.remove(instance);
+                    self.uncache(instance);
                 }
             }
         }
@@ -758,7 +791,7 @@ impl PartitionEngine {
 
     /// The instance's checkpoint: cached, or read from KV.
     async fn current(&mut self, instance: &str) -> anyhow::Result<Option<Cached>> {
-        if let Some(c) = self.instances.remove(instance) {
+        if let Some(c) = self.uncache(instance) {
             return Ok(Some(c));
         }
         Ok(match self.shared.checkpoints.entry(instance).await? {

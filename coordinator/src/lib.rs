@@ -22,6 +22,7 @@ pub mod expr;
 pub mod instance;
 pub mod machine;
 pub mod projection;
+pub mod reader;
 pub mod registry;
 pub mod simulate;
 
@@ -121,6 +122,7 @@ impl Coordinator {
             nats::ensure_lease_bucket(js, self.settings.worker.lease_ttl, replicas).await?;
         let pinned = registry::ensure_bucket(js, replicas).await?;
         let checkpoints = engine::ensure_instances_bucket(js, replicas).await?;
+        let cursors = reader::ensure_cursors_bucket(js, replicas).await?;
         projection::ensure_bucket(js, replicas).await?;
         info!(
             coordinator = %self.id,
@@ -133,7 +135,9 @@ impl Coordinator {
             settings: self.settings.clone(),
             registry: Registry::new(workflows, Catalog::from_handlers(&handlers), pinned),
             checkpoints,
+            cursors,
         });
+        let reader = reader::Reader::spawn(shared.clone(), shutdown.clone());
         let (registry_tx, mut registry_rx) = tokio::sync::watch::channel(snapshot);
         tokio::spawn(grizzly_shared::registry::follow(
             handler_registry,
@@ -158,7 +162,7 @@ impl Coordinator {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    if let Err(e) = self.balance(&leases, &shared, &mut owned).await {
+                    if let Err(e) = self.balance(&leases, &shared, &reader, &mut owned).await {
                         warn!(error = %e, "coordinator lease round failed");
                     }
                 }
@@ -192,6 +196,7 @@ impl Coordinator {
         &self,
         leases: &kv::Store,
         shared: &Arc<Shared>,
+        reader: &reader::Reader,
         owned: &mut HashMap<String, Owned>,
     ) -> anyhow::Result<()> {
         leases
@@ -249,7 +254,7 @@ impl Coordinator {
             if let Ok(revision) = leases.create(&key, self.id.clone().into()).await {
                 let stop = CancellationToken::new();
                 let fence = LeaseFence::new(asked + margin);
-                let engine = PartitionEngine::new(shared.clone(), p, fence.clone());
+                let engine = PartitionEngine::new(shared.clone(), reader.clone(), p, fence.clone());
                 let task = tokio::spawn(engine.run(stop.clone()));
                 owned.insert(
                     key,

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
+use grizzly_shared::task::partition_for;
 use grizzly_tests::{ChildProcess, EventWatcher, LoggedEvent, TestEnv};
 use serde_json::{Value, json};
 
@@ -872,5 +874,70 @@ async fn a_late_pull_of_a_replaced_partition_consumer_takes_nothing_from_its_suc
         })
         .collect();
     assert_eq!(got, vec![(2, 1), (3, 1), (4, 1)]);
+    Ok(())
+}
+
+/// Partitions resume from their cursors (KV `grizzly_wf_cursors`): a coordinator that stops
+/// writes, for every partition, where the next owner starts — past every event it applied —
+/// and the next coordinator goes on from there without running a step again. A cursor that is
+/// not a sequence is replayed from the start of the log (slow, harmless), never skipped past.
+#[tokio::test]
+async fn partitions_resume_from_their_cursors_and_a_corrupt_cursor_replays_the_log()
+-> anyhow::Result<()> {
+    use grizzly_coordinator::reader::{cursor_key, ensure_cursors_bucket};
+    let env = TestEnv::start().await?;
+    let log = step_handler(&env, "step", "");
+    write_workflow(
+        &env,
+        "two.yaml",
+        "name: two\ndo:\n  - id: a\n    call: step\n  - id: b\n    call: step\n",
+    );
+    let cursors = ensure_cursors_bucket(&env.nats.js, 1).await?;
+    for p in 0..env.settings.partitions {
+        cursors.put(cursor_key(p), "not a sequence".into()).await?;
+    }
+    let _worker = env.start_worker().await?;
+    let coordinator = env.start_coordinator().await?;
+    let mut w = env.watch().await?;
+    let ids: Vec<String> = (0..6).map(|i| format!("cur-{i}")).collect();
+    for id in &ids {
+        start(&env, "two", id, json!({})).await?;
+    }
+    // Each instance's owner applied the event that completed it (its `completed` event is
+    // caused by it) before the coordinator stopped.
+    let mut applied = HashMap::new();
+    for id in &ids {
+        let end = wait_end(&mut w, id).await?;
+        assert_eq!(end.event_type(), "completed", "{id}: {}", end.data());
+        let cause = end.event.as_ref().and_then(|e| e.causationid.clone());
+        let cause = w
+            .seen
+            .iter()
+            .find(|e| e.event.as_ref().map(|e| &e.id) == cause.as_ref())
+            .with_context(|| format!("{id}: the cause of its end is not in the log"))?;
+        let p = partition_for(id, env.settings.partitions);
+        let seq = applied.entry(p).or_insert(0);
+        *seq = cause.seq.max(*seq);
+    }
+    coordinator.shutdown().await?;
+    for p in 0..env.settings.partitions {
+        let value = cursors
+            .get(cursor_key(p))
+            .await?
+            .with_context(|| format!("no cursor for partition {p}"))?;
+        let next: u64 = std::str::from_utf8(&value)?.parse()?;
+        let seq = applied.get(&p).copied().unwrap_or(0);
+        assert!(
+            next > seq,
+            "partition {p} resumes at {next}, at or before {seq}, which it applied"
+        );
+    }
+    let _coordinator = env.start_coordinator().await?;
+    start(&env, "two", "cur-after", json!({})).await?;
+    let end = wait_end(&mut w, "cur-after").await?;
+    assert_eq!(end.event_type(), "completed", "{}", end.data());
+    assert_once(&log);
+    assert_unique_steps(&w.seen);
+    assert_eq!(calls(&log).len(), 14, "two steps for each of 7 instances");
     Ok(())
 }
