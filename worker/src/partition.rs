@@ -573,6 +573,12 @@ impl PartitionRunner {
                     Some(lanes) = running.next(), if !running.is_empty() => schedule.finished_all(lanes),
                     acquired = async { slots.as_mut().expect("guarded").await }, if slots.is_some() => {
                         slots = None;
+                        if !self.fence.held() {
+                            // The slots came as the lease lapsed (e.g. the process was stopped
+                            // past `ack_wait`): a successor may be running these very tasks.
+                            // Dropping the slots starts nothing; the loop fences the pull.
+                            continue;
+                        }
                         match &mut collector {
                             Some(c) => if let Some(batch) = c.next_closed() {
                                 let (ctx, env) = (self.ctx.clone(), self.env.clone());
