@@ -27,7 +27,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
+use grizzly_shared::envelope::EventEnvelope;
 use grizzly_shared::nats::{
     EVENTS_STREAM, LeaseFence, Nats, publish_all_confirmed, publish_confirmed,
 };
@@ -41,7 +41,7 @@ use crate::instance::{
     AGGREGATE, Ctx, Effect, Input, InstanceState, ParentRef, SOURCE, instance_id_for_trigger,
     timer_event_id,
 };
-use crate::reader::{Reader, cursor_key};
+use crate::reader::{Fed, Reader, cursor_key};
 use crate::registry::Registry;
 
 pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
@@ -429,12 +429,9 @@ impl PartitionEngine {
                     _ = fence.lapsed() => continue 'feed,
                     _ = sleep => {}
                     msg = feed.recv() => match msg {
-                        Some(msg) => {
-                            let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
-                                continue;
-                            };
-                            self.handle(&msg).await;
-                            next = seq + 1;
+                        Some(fed) => {
+                            self.handle(&fed).await;
+                            next = fed.seq + 1;
                         }
                         // The reader stopped: the process is shutting down.
                         None => break 'feed,
@@ -501,124 +498,32 @@ impl PartitionEngine {
         }
     }
 
-    async fn handle(&mut self, msg: &jetstream::Message) {
-        let Ok(stored) = StoredMessage::from_jetstream(msg) else {
-            return;
-        };
-        let seq = stored.stream_sequence;
+    async fn handle(&mut self, fed: &Fed) {
         // Unparseable events are the listener's to dead-letter.
-        let Ok(event) = EventEnvelope::from_stored(&stored, usize::MAX) else {
+        let Some(event) = &fed.event else {
             return;
         };
-        for (instance, routed) in self.route(&stored, &event) {
-            if self.mine(&instance) {
-                // The step this event moves on joins the event's trace; what it writes
-                // (transition events, step tasks) continues from this span.
-                let span = tracing::debug_span!("workflow", otel.kind = "consumer", instance = %instance, event.id = %event.id, event.r#type = %event.event_type);
-                grizzly_shared::trace::follow(&span, &event);
-                self.process(&instance, routed, &event, seq)
-                    .instrument(span)
-                    .await;
-            }
+        for (instance, routed) in self.route(fed, event) {
+            // The step this event moves on joins the event's trace; what it writes
+            // (transition events, step tasks) continues from this span.
+            let span = tracing::debug_span!("workflow", otel.kind = "consumer", instance = %instance, event.id = %event.id, event.r#type = %event.event_type);
+            grizzly_shared::trace::follow(&span, event);
+            self.process(&instance, routed, event, fed.seq)
+                .instrument(span)
+                .await;
         }
     }
 
-    fn route(&self, msg: &StoredMessage<'_>, event: &EventEnvelope) -> Vec<(String, Routed)> {
-        let mut out = Vec::new();
-        let data = &event.data;
-        if event.aggregatetype == AGGREGATE {
-            let id = event.aggregateid.clone();
-            let str_of = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_string);
-            match event.event_type.as_str() {
-                "start_requested" => {
-                    if let Some(workflow) = str_of("workflow") {
-                        out.push((
-                            id.clone(),
-                            Routed::Start {
-                                workflow,
-                                version: data
-                                    .get("version")
-                                    .and_then(Value::as_u64)
-                                    .map(|v| v as u32),
-                                input: data.get("input").cloned(),
-                                parent: data
-                                    .get("parent")
-                                    .and_then(|p| serde_json::from_value(p.clone()).ok()),
-                            },
-                        ));
-                    }
-                }
-                t @ ("suspend_requested" | "resume_requested" | "cancel_requested") => {
-                    let transition =
-                        crate::machine::Transition::parse_request(t.trim_end_matches("_requested"))
-                            .expect("matched above");
-                    out.push((
-                        id.clone(),
-                        Routed::Input(Input::Request {
-                            transition,
-                            reason: str_of("reason"),
-                        }),
-                    ));
-                }
-                "handler_succeeded" | "handler_failed" => {
-                    let ok = event.event_type == "handler_succeeded";
-                    let last = ok
-                        || data.get("dead_lettered").and_then(Value::as_bool) == Some(true)
-                        || data.get("will_retry").and_then(Value::as_bool) == Some(false);
-                    if let (true, Some(event_id)) = (last, str_of("event_id")) {
-                        out.push((
-                            id.clone(),
-                            Routed::Input(Input::Outcome {
-                                event_id,
-                                ok,
-                                output: data.get("output").cloned().unwrap_or_default(),
-                                error: str_of("error"),
-                            }),
-                        ));
-                    }
-                }
-                "timer_fired" => {
-                    if let Some(timer) = str_of("timer") {
-                        out.push((id.clone(), Routed::Input(Input::Timer { id: timer })));
-                    }
-                }
-                t @ ("completed" | "failed" | "cancelled") if event.source == SOURCE => {
-                    if let Some(parent) = data
-                        .get("parent")
-                        .and_then(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
-                    {
-                        out.push((
-                            parent.instance,
-                            Routed::Input(Input::Child {
-                                child: id.clone(),
-                                ok: t == "completed",
-                                output: data.get("output").cloned().unwrap_or_default(),
-                                error: str_of("error")
-                                    .or_else(|| Some(format!("sub-workflow {t}"))),
-                            }),
-                        ));
-                    }
-                }
-                _ => {}
-            }
-        }
-        for w in self.shared.registry.latest() {
-            if w.spec
-                .on
-                .iter()
-                .any(|p| grizzly_shared::subject::pattern_matches(&p.value, msg.subject))
-            {
-                out.push((
-                    instance_id_for_trigger(w.name(), &event.id),
-                    Routed::Start {
-                        workflow: w.name().to_string(),
-                        version: Some(w.version()),
-                        input: None,
-                        parent: None,
-                    },
-                ));
-            }
-        }
+    /// What the event means for this partition's instances: what the reader routed here, and
+    /// the awaited events of the instances waiting on one.
+    fn route(&self, fed: &Fed, event: &EventEnvelope) -> Vec<(String, Routed)> {
+        let subject = fed.subject.as_str();
+        let mut out: Vec<(String, Routed)> = fed
+            .directed
+            .iter()
+            .filter(|d| d.partition == self.partition)
+            .map(|d| (d.instance.clone(), d.routed.clone()))
+            .collect();
         // Serialized only for an event some instance waits on.
         let mut event_json = None;
         for id in &self.waiting {
@@ -626,11 +531,11 @@ impl PartitionEngine {
                 continue;
             };
             for (step, wait) in cached.state.waits() {
-                if wait.matches(msg.subject, event) {
+                if wait.matches(subject, event) {
                     let mut ev = event_json
                         .get_or_insert_with(|| serde_json::to_value(event).unwrap_or_default())
                         .clone();
-                    ev["subject"] = json!(msg.subject);
+                    ev["subject"] = json!(subject);
                     out.push((
                         id.clone(),
                         Routed::Input(Input::Event {
@@ -864,6 +769,120 @@ impl PartitionEngine {
             .collect();
         publish_all_confirmed(js, tasks).await;
     }
+}
+
+/// An event routed to one instance.
+pub(crate) struct Directed {
+    pub partition: u16,
+    pub instance: String,
+    routed: Routed,
+}
+
+/// What an event means for instances it names (a trigger, a step outcome, a timer, a child's
+/// end, an operator request), found once per event by the reader for every partition; an
+/// awaited event is matched by the partitions against their waiting instances.
+pub(crate) fn directed(shared: &Shared, subject: &str, event: &EventEnvelope) -> Vec<Directed> {
+    let mut out = Vec::new();
+    let data = &event.data;
+    if event.aggregatetype == AGGREGATE {
+        let id = event.aggregateid.clone();
+        let str_of = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_string);
+        match event.event_type.as_str() {
+            "start_requested" => {
+                if let Some(workflow) = str_of("workflow") {
+                    out.push((
+                        id.clone(),
+                        Routed::Start {
+                            workflow,
+                            version: data
+                                .get("version")
+                                .and_then(Value::as_u64)
+                                .map(|v| v as u32),
+                            input: data.get("input").cloned(),
+                            parent: data
+                                .get("parent")
+                                .and_then(|p| serde_json::from_value(p.clone()).ok()),
+                        },
+                    ));
+                }
+            }
+            t @ ("suspend_requested" | "resume_requested" | "cancel_requested") => {
+                let transition =
+                    crate::machine::Transition::parse_request(t.trim_end_matches("_requested"))
+                        .expect("matched above");
+                out.push((
+                    id.clone(),
+                    Routed::Input(Input::Request {
+                        transition,
+                        reason: str_of("reason"),
+                    }),
+                ));
+            }
+            "handler_succeeded" | "handler_failed" => {
+                let ok = event.event_type == "handler_succeeded";
+                let last = ok
+                    || data.get("dead_lettered").and_then(Value::as_bool) == Some(true)
+                    || data.get("will_retry").and_then(Value::as_bool) == Some(false);
+                if let (true, Some(event_id)) = (last, str_of("event_id")) {
+                    out.push((
+                        id.clone(),
+                        Routed::Input(Input::Outcome {
+                            event_id,
+                            ok,
+                            output: data.get("output").cloned().unwrap_or_default(),
+                            error: str_of("error"),
+                        }),
+                    ));
+                }
+            }
+            "timer_fired" => {
+                if let Some(timer) = str_of("timer") {
+                    out.push((id.clone(), Routed::Input(Input::Timer { id: timer })));
+                }
+            }
+            t @ ("completed" | "failed" | "cancelled") if event.source == SOURCE => {
+                if let Some(parent) = data
+                    .get("parent")
+                    .and_then(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
+                {
+                    out.push((
+                        parent.instance,
+                        Routed::Input(Input::Child {
+                            child: id.clone(),
+                            ok: t == "completed",
+                            output: data.get("output").cloned().unwrap_or_default(),
+                            error: str_of("error").or_else(|| Some(format!("sub-workflow {t}"))),
+                        }),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    for w in shared.registry.latest() {
+        if w.spec
+            .on
+            .iter()
+            .any(|p| grizzly_shared::subject::pattern_matches(&p.value, subject))
+        {
+            out.push((
+                instance_id_for_trigger(w.name(), &event.id),
+                Routed::Start {
+                    workflow: w.name().to_string(),
+                    version: Some(w.version()),
+                    input: None,
+                    parent: None,
+                },
+            ));
+        }
+    }
+    out.into_iter()
+        .map(|(instance, routed)| Directed {
+            partition: partition_for(&instance, shared.settings.partitions),
+            instance,
+            routed,
+        })
+        .collect()
 }
 
 #[cfg(test)]

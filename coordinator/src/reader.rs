@@ -16,12 +16,13 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
+use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
 use grizzly_shared::nats::EVENTS_STREAM;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::engine::{Shared, filter_subjects};
+use crate::engine::{Directed, Shared, directed, filter_subjects};
 
 /// KV bucket of the partitions' cursors: `cursor.<p>` → the stream sequence from which
 /// partition `p` still has to be applied.
@@ -30,8 +31,16 @@ pub const CURSORS_BUCKET: &str = "grizzly_wf_cursors";
 /// Events buffered per partition before the reader waits for it.
 const FEED_CAPACITY: usize = 512;
 
-/// One event of the log, shared by every partition it is handed to.
-pub type Fed = Arc<jetstream::Message>;
+/// One event of the log, parsed once and shared by every partition it is handed to.
+pub struct Fed {
+    pub seq: u64,
+    pub subject: String,
+    /// `None` for an event that does not parse (the listener's to dead-letter): a partition
+    /// only moves past it.
+    pub event: Option<EventEnvelope>,
+    /// The instances the event names, with their partitions ([`directed`]).
+    pub(crate) directed: Vec<Directed>,
+}
 
 pub async fn ensure_cursors_bucket(
     js: &jetstream::Context,
@@ -56,7 +65,7 @@ pub fn cursor_key(partition: u16) -> String {
 struct Subscribe {
     partition: u16,
     from: u64,
-    feed: mpsc::Sender<Fed>,
+    feed: mpsc::Sender<Arc<Fed>>,
 }
 
 /// The handle partitions subscribe with; the reader stops with the process's `stop`.
@@ -74,7 +83,7 @@ impl Reader {
 
     /// The events of the reader's filter from stream sequence `from` on, in log order. A new
     /// subscription of the same partition replaces the old one; dropping the receiver ends it.
-    pub fn subscribe(&self, partition: u16, from: u64) -> mpsc::Receiver<Fed> {
+    pub fn subscribe(&self, partition: u16, from: u64) -> mpsc::Receiver<Arc<Fed>> {
         let (feed, rx) = mpsc::channel(FEED_CAPACITY);
         let _ = self.commands.send(Subscribe {
             partition,
@@ -88,7 +97,7 @@ impl Reader {
 struct Subscriber {
     /// The sequence this partition is to be handed next.
     next: u64,
-    feed: mpsc::Sender<Fed>,
+    feed: mpsc::Sender<Arc<Fed>>,
 }
 
 /// The open ordered consumer, the filter it was made with, and the sequence it hands out next
@@ -155,13 +164,25 @@ async fn run(
                 }
             } => match next {
                 Some(Ok(msg)) => {
-                    let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+                    let Ok(stored) = StoredMessage::from_jetstream(&msg) else {
                         continue;
                     };
+                    let seq = stored.stream_sequence;
                     if let Some(o) = open.as_mut() {
                         o.position = seq + 1;
                     }
-                    let msg = Arc::new(msg);
+                    // Parsed and routed here once, not once per partition.
+                    let event = EventEnvelope::from_stored(&stored, usize::MAX).ok();
+                    let directed = event
+                        .as_ref()
+                        .map(|e| directed(&shared, stored.subject, e))
+                        .unwrap_or_default();
+                    let msg = Arc::new(Fed {
+                        seq,
+                        subject: msg.subject.to_string(),
+                        event,
+                        directed,
+                    });
                     for s in subscribers.values_mut() {
                         // A closed feed fails at once and is dropped on the next round.
                         if s.next <= seq && s.feed.send(msg.clone()).await.is_ok() {

@@ -75,7 +75,7 @@ pub(super) async fn workflows(instances: usize) -> anyhow::Result<WorkflowFigure
         &format!("name: {WORKFLOW}\nversion: 1\non: [\"events.benchwf.*.start\"]\ndo:\n{steps}"),
     )?;
     // The broker's default fsync, as `bench throughput`'s headline figures, and the default
-    // partitions: every coordinator partition reads every workflow event (ARCHITECTURE.md,
+    // partitions: each applies its instances' events one at a time (ARCHITECTURE.md,
     // *Workflows*), so their count is part of what is measured.
     let bench = Bench::start_with(
         &dir.path().join("store"),
