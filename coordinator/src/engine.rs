@@ -2,15 +2,20 @@
 //! coordinator at a time (KV lease `wf.partition.<p>`).
 //!
 //! The engine is fed the log by its process's [`Reader`] (one ordered consumer for every owned
-//! partition, filtered on `events.workflow.>` plus every trigger and wait pattern) and applies
-//! it strictly one event at a time:
-//! 1. route the event to the instances of this partition it concerns (a trigger, a step outcome,
-//!    an awaited event, a timer, a child's end, an operator request);
+//! partition, filtered on `events.workflow.>` plus every trigger and wait pattern, each event
+//! parsed and routed to the instances it names once) and applies it in log order per instance:
+//! 1. take the events of the instances of this partition it concerns (a trigger, a step
+//!    outcome, a timer, a child's end, an operator request) and match it against the waits of
+//!    the instances waiting on an event;
 //! 2. apply it ([`InstanceState::apply`]) and checkpoint the new state *with its effects* in KV
 //!    `grizzly_wf_instances` (compare-and-set on the revision read);
 //! 3. publish the effects (events, then tasks), each confirmed by the broker;
 //! 4. move on; once a second, write the partition's cursor (`cursor.<p>`, the sequence from
 //!    which it still has to apply the log).
+//!
+//! Steps 2–3 of the events waiting in the feed (up to [`GROUP`]) run at once for different
+//! instances; an event for an instance with a write under way waits for it
+//! ([`PartitionEngine::handle_all`]). The cursor moves past a group once all of it is written.
 //!
 //! A crash anywhere replays from the cursor: an instance whose `last_seq` already covers an
 //! event skips it, and re-publishes its outbox for the last one it applied (same ids, dropped
@@ -48,6 +53,8 @@ pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";
 /// How often a partition writes its cursor while it applies events: a coordinator killed
 /// replays at most about this much of the log (harmless, see the module docs).
 const CURSOR_EVERY: Duration = Duration::from_secs(1);
+/// Most events a partition takes from its feed to apply together ([`PartitionEngine::handle_all`]).
+const GROUP: usize = 64;
 
 /// The owner line of a partition's consumers (see [`recreate_from_ack_floor`]).
 pub fn consumer_name(partition: u16) -> String {
@@ -94,6 +101,30 @@ enum Routed {
 struct Cached {
     state: InstanceState,
     revision: u64,
+}
+
+/// What applying an event to an instance came to.
+enum Prepared {
+    /// Nothing to write (applied already, refused, or no such instance).
+    Done,
+    /// The checkpoint could not be read.
+    Retry,
+    /// A new state to checkpoint (compare-and-set on `revision`; `None` creates it) and whose
+    /// outbox to publish.
+    Write {
+        state: Box<InstanceState>,
+        revision: Option<u64>,
+    },
+}
+
+/// A prepared state of a group not written yet (see [`PartitionEngine::handle_all`]).
+struct Pending {
+    instance: String,
+    routed: Routed,
+    fed: Arc<Fed>,
+    state: InstanceState,
+    revision: Option<u64>,
+    span: tracing::Span,
 }
 
 pub struct PartitionEngine {
@@ -430,8 +461,14 @@ impl PartitionEngine {
                     _ = sleep => {}
                     msg = feed.recv() => match msg {
                         Some(fed) => {
-                            self.handle(&fed).await;
-                            next = fed.seq + 1;
+                            let mut group = vec![fed];
+                            while group.len() < GROUP {
+                                match feed.try_recv() {
+                                    Ok(fed) => group.push(fed),
+                                    Err(_) => break,
+                                }
+                            }
+                            next = self.handle_all(group, next).await;
                         }
                         // The reader stopped: the process is shutting down.
                         None => break 'feed,
@@ -498,19 +535,102 @@ impl PartitionEngine {
         }
     }
 
-    async fn handle(&mut self, fed: &Fed) {
-        // Unparseable events are the listener's to dead-letter.
-        let Some(event) = &fed.event else {
-            return;
-        };
-        for (instance, routed) in self.route(fed, event) {
-            // The step this event moves on joins the event's trace; what it writes
-            // (transition events, step tasks) continues from this span.
-            let span = tracing::debug_span!("workflow", otel.kind = "consumer", instance = %instance, event.id = %event.id, event.r#type = %event.event_type);
-            grizzly_shared::trace::follow(&span, event);
-            self.process(&instance, routed, event, fed.seq)
-                .instrument(span)
-                .await;
+    /// Applies events fed together and returns the sequence to go on from. The events of
+    /// different instances are written at once — a partition's burst costs about one round
+    /// trip per group instead of one per event — and an event for an instance with a write
+    /// under way waits for it, so each instance sees its events in log order. Stops early if
+    /// the lease lapses.
+    async fn handle_all(&mut self, group: Vec<Arc<Fed>>, mut next: u64) -> u64 {
+        let mut writes: Vec<Pending> = Vec::new();
+        for fed in group {
+            if !self.fence.held() {
+                break;
+            }
+            // Unparseable events are the listener's to dead-letter.
+            if let Some(event) = &fed.event {
+                let mut routed = self.route(&fed, event);
+                if routed
+                    .iter()
+                    .any(|(i, _)| writes.iter().any(|w| &w.instance == i))
+                {
+                    // Routed against a state not written yet: write, then route again.
+                    self.flush(&mut writes).await;
+                    routed = self.route(&fed, event);
+                }
+                for (instance, routed) in routed {
+                    if writes.iter().any(|w| w.instance == instance) {
+                        self.flush(&mut writes).await;
+                    }
+                    // The step this event moves on joins the event's trace; what it writes
+                    // (transition events, step tasks) continues from this span.
+                    let span = tracing::debug_span!("workflow", otel.kind = "consumer", instance = %instance, event.id = %event.id, event.r#type = %event.event_type);
+                    grizzly_shared::trace::follow(&span, event);
+                    let prepared = self
+                        .prepare(&instance, &routed, event, fed.seq)
+                        .instrument(span.clone())
+                        .await;
+                    match prepared {
+                        Prepared::Done => {}
+                        Prepared::Retry => {
+                            self.flush(&mut writes).await;
+                            self.process(&instance, &routed, event, fed.seq)
+                                .instrument(span)
+                                .await;
+                        }
+                        Prepared::Write { state, revision } => {
+                            let state = *state;
+                            // Later events of the group are routed against the new state (its
+                            // waits); no event of this instance is applied before it is written.
+                            self.cache(
+                                instance.clone(),
+                                Cached {
+                                    state: state.clone(),
+                                    revision: revision.unwrap_or_default(),
+                                },
+                            );
+                            writes.push(Pending {
+                                instance,
+                                routed,
+                                fed: fed.clone(),
+                                state,
+                                revision,
+                                span,
+                            });
+                        }
+                    }
+                }
+            }
+            next = fed.seq + 1;
+        }
+        self.flush(&mut writes).await;
+        next
+    }
+
+    /// Writes the pending checkpoints at once, each then publishing its outbox; one that
+    /// conflicts is read again and its event applied anew.
+    async fn flush(&mut self, writes: &mut Vec<Pending>) {
+        let shared = self.shared.clone();
+        let results = futures::future::join_all(writes.iter().map(|w| {
+            commit(&shared, &w.instance, &w.state, w.revision).instrument(w.span.clone())
+        }))
+        .await;
+        for (w, written) in writes.drain(..).zip(results) {
+            match written {
+                Ok(revision) => self.committed(&w.instance, w.state, revision),
+                Err(e) => {
+                    // Someone else wrote (a previous owner still finishing): read and redo.
+                    warn!(instance = %w.instance, error = %e, "checkpoint conflict; re-reading");
+                    self.uncache(&w.instance);
+                    let event = w
+                        .fed
+                        .event
+                        .as_ref()
+                        .expect("only parsed events are applied");
+                    self.process(&w.instance, &w.routed, event, w.fed.seq)
+                        .instrument(w.span)
+                        .await;
+                }
+            }
         }
     }
 
@@ -549,148 +669,150 @@ impl PartitionEngine {
         out
     }
 
-    /// Applies one routed event to one instance: checkpoint (with the outbox), then publish.
-    async fn process(&mut self, instance: &str, routed: Routed, event: &EventEnvelope, seq: u64) {
+    /// Applies one routed event to one instance: checkpoint (with the outbox), then publish;
+    /// after a failed read or a conflicting write, again until it holds.
+    async fn process(&mut self, instance: &str, routed: &Routed, event: &EventEnvelope, seq: u64) {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             if attempt > 1 {
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(40)))).await;
             }
-            let current = match self.current(instance).await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(%instance, error = %e, "cannot read checkpoint; retrying");
-                    continue;
-                }
+            let (state, revision) = match self.prepare(instance, routed, event, seq).await {
+                Prepared::Done => return,
+                Prepared::Retry => continue,
+                Prepared::Write { state, revision } => (*state, revision),
             };
-            let shared = self.shared.clone();
-            let (next, revision) = match (current, &routed) {
-                (Some(c), _) if seq <= c.state.last_seq => {
-                    if seq == c.state.last_seq {
-                        self.publish(&c.state.outbox).await;
-                    }
-                    self.cache(instance.to_string(), c);
-                    return;
-                }
-                (Some(c), Routed::Start { .. }) => {
-                    // Started already (a replayed trigger beyond the dedup window).
-                    self.cache(instance.to_string(), c);
-                    return;
-                }
-                (None, Routed::Input(_)) => return,
-                (
-                    None,
-                    Routed::Start {
-                        workflow,
-                        version,
-                        input,
-                        parent,
-                    },
-                ) => {
-                    let def = match shared.registry.for_start(workflow, *version).await {
-                        Ok(d) => d,
-                        Err(e) => {
-                            warn!(%instance, error = %e, "start refused");
-                            let subject = EventSubject::new(AGGREGATE, instance, "start_rejected")
-                                .expect("valid");
-                            let mut rejected = event.caused(
-                                &subject,
-                                SOURCE,
-                                json!({"workflow": workflow, "error": e}),
-                                &[],
-                            );
-                            rejected.id = grizzly_shared::ids::derived_id(&[
-                                "workflow",
-                                instance,
-                                "start_rejected",
-                                &event.id,
-                            ]);
-                            self.publish(&[Effect::Event { event: rejected }]).await;
-                            return;
-                        }
-                    };
-                    let catalog = shared.registry.catalog();
-                    let ctx = Ctx {
-                        def: &def.spec,
-                        catalog: &catalog,
-                        now_ms: now_ms(),
-                        cause: event,
-                    };
-                    let (mut st, fx) =
-                        InstanceState::start(&ctx, instance, input.clone(), parent.clone());
-                    st.last_seq = seq;
-                    st.outbox = fx;
-                    (st, None)
-                }
-                (Some(c), Routed::Input(input)) => {
-                    let def = match shared
-                        .registry
-                        .get(&c.state.workflow, c.state.version)
-                        .await
-                    {
-                        Ok(d) => d,
-                        Err(e) => {
-                            error!(%instance, error = %e, "no definition for instance; event skipped");
-                            return;
-                        }
-                    };
-                    let catalog = shared.registry.catalog();
-                    let ctx = Ctx {
-                        def: &def.spec,
-                        catalog: &catalog,
-                        now_ms: now_ms(),
-                        cause: event,
-                    };
-                    let mut st = c.state.clone();
-                    let fx = st.apply(&ctx, input.clone());
-                    if fx.is_empty() && st == c.state {
-                        self.cache(instance.to_string(), c);
-                        return;
-                    }
-                    st.last_seq = seq;
-                    st.outbox = fx;
-                    (st, Some(c.revision))
-                }
-            };
-            let bytes: bytes::Bytes = serde_json::to_vec(&next).expect("state serializes").into();
-            let written = match revision {
-                None => shared
-                    .checkpoints
-                    .create(instance, bytes)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Some(r) => shared
-                    .checkpoints
-                    .update(instance, bytes, r)
-                    .await
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(revision) => {
-                    self.publish(&next.outbox).await;
-                    let done = next.status.is_terminal();
-                    self.fired
-                        .retain(|(i, t)| i != instance || next.timers.contains_key(t));
-                    if done {
-                        self.uncache(instance);
-                    } else {
-                        self.cache(
-                            instance.to_string(),
-                            Cached {
-                                state: next,
-                                revision,
-                            },
-                        );
-                    }
-                    return;
-                }
+            match commit(&self.shared, instance, &state, revision).await {
+                Ok(revision) => return self.committed(instance, state, revision),
                 Err(e) => {
                     // Someone else wrote (a previous owner still finishing): read and redo.
                     warn!(%instance, error = %e, "checkpoint conflict; re-reading");
                     self.uncache(instance);
                 }
             }
+        }
+    }
+
+    /// The state one routed event moves an instance to, not written yet (the instance is out
+    /// of the cache until it is, see [`Self::committed`]).
+    async fn prepare(
+        &mut self,
+        instance: &str,
+        routed: &Routed,
+        event: &EventEnvelope,
+        seq: u64,
+    ) -> Prepared {
+        let current = match self.current(instance).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%instance, error = %e, "cannot read checkpoint; retrying");
+                return Prepared::Retry;
+            }
+        };
+        let shared = self.shared.clone();
+        let (state, revision) = match (current, routed) {
+            (Some(c), _) if seq <= c.state.last_seq => {
+                if seq == c.state.last_seq {
+                    publish(&self.shared, &c.state.outbox).await;
+                }
+                self.cache(instance.to_string(), c);
+                return Prepared::Done;
+            }
+            (Some(c), Routed::Start { .. }) => {
+                // Started already (a replayed trigger beyond the dedup window).
+                self.cache(instance.to_string(), c);
+                return Prepared::Done;
+            }
+            (None, Routed::Input(_)) => return Prepared::Done,
+            (
+                None,
+                Routed::Start {
+                    workflow,
+                    version,
+                    input,
+                    parent,
+                },
+            ) => {
+                let def = match shared.registry.for_start(workflow, *version).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(%instance, error = %e, "start refused");
+                        let subject = EventSubject::new(AGGREGATE, instance, "start_rejected")
+                            .expect("valid");
+                        let mut rejected = event.caused(
+                            &subject,
+                            SOURCE,
+                            json!({"workflow": workflow, "error": e}),
+                            &[],
+                        );
+                        rejected.id = grizzly_shared::ids::derived_id(&[
+                            "workflow",
+                            instance,
+                            "start_rejected",
+                            &event.id,
+                        ]);
+                        publish(&self.shared, &[Effect::Event { event: rejected }]).await;
+                        return Prepared::Done;
+                    }
+                };
+                let catalog = shared.registry.catalog();
+                let ctx = Ctx {
+                    def: &def.spec,
+                    catalog: &catalog,
+                    now_ms: now_ms(),
+                    cause: event,
+                };
+                let (mut st, fx) =
+                    InstanceState::start(&ctx, instance, input.clone(), parent.clone());
+                st.last_seq = seq;
+                st.outbox = fx;
+                (st, None)
+            }
+            (Some(c), Routed::Input(input)) => {
+                let def = match shared
+                    .registry
+                    .get(&c.state.workflow, c.state.version)
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!(%instance, error = %e, "no definition for instance; event skipped");
+                        return Prepared::Done;
+                    }
+                };
+                let catalog = shared.registry.catalog();
+                let ctx = Ctx {
+                    def: &def.spec,
+                    catalog: &catalog,
+                    now_ms: now_ms(),
+                    cause: event,
+                };
+                let mut st = c.state.clone();
+                let fx = st.apply(&ctx, input.clone());
+                if fx.is_empty() && st == c.state {
+                    self.cache(instance.to_string(), c);
+                    return Prepared::Done;
+                }
+                st.last_seq = seq;
+                st.outbox = fx;
+                (st, Some(c.revision))
+            }
+        };
+        Prepared::Write {
+            state: Box::new(state),
+            revision,
+        }
+    }
+
+    /// Takes a written state into the cache (a finished instance leaves it).
+    fn committed(&mut self, instance: &str, state: InstanceState, revision: u64) {
+        self.fired
+            .retain(|(i, t)| i != instance || state.timers.contains_key(t));
+        if state.status.is_terminal() {
+            self.uncache(instance);
+        } else {
+            self.cache(instance.to_string(), Cached { state, revision });
         }
     }
 
@@ -707,68 +829,90 @@ impl PartitionEngine {
             _ => None,
         })
     }
+}
 
-    /// Publishes effects in order, confirmed: first every event, sent together and then
-    /// confirmed one by one (one round trip, not one per event: a step's events went out one
-    /// after another), then the tasks, which carry their step event's sequence.
-    async fn publish(&self, effects: &[Effect]) {
-        let js = &self.shared.nats.js;
-        let span = tracing::Span::current();
-        let events: Vec<EventEnvelope> = effects
-            .iter()
-            .map(|effect| {
-                let mut event = effect.event().clone();
-                grizzly_shared::trace::stamp(&mut event, &span);
-                event
-            })
-            .collect();
-        let publishes = events
-            .iter()
-            .map(|event| {
-                let publish = PublishMessage::build()
-                    .payload(event.to_json_bytes())
-                    .headers(event.headers());
-                (event.subject().expect("valid").to_string(), publish)
-            })
-            .collect();
-        let acks = publish_all_confirmed(js, publishes).await;
-        let partitions = self.shared.settings.partitions;
-        let tasks = effects
-            .iter()
-            .zip(events)
-            .zip(acks)
-            .filter_map(|((effect, event), ack)| {
-                let Effect::Task {
-                    handler,
-                    version,
-                    priority,
-                    lane,
-                    timeout_ms,
-                    max_attempts,
-                    ..
-                } = effect
-                else {
-                    return None;
-                };
-                let mut task = Task::new(
-                    handler,
-                    *version,
-                    ack.sequence,
-                    partitions,
-                    *priority,
-                    event,
-                )
-                .with_ordering_key(lane.clone(), partitions);
-                task.timeout_ms = *timeout_ms;
-                task.max_attempts = *max_attempts;
-                let publish = PublishMessage::build()
-                    .payload(task.to_json_bytes())
-                    .message_id(task.msg_id());
-                Some((task.subject(), publish))
-            })
-            .collect();
-        publish_all_confirmed(js, tasks).await;
+/// Writes an instance's checkpoint (compare-and-set on `revision`; `None` creates it), then
+/// publishes its outbox; the new revision.
+async fn commit(
+    shared: &Shared,
+    instance: &str,
+    state: &InstanceState,
+    revision: Option<u64>,
+) -> Result<u64, String> {
+    let bytes: bytes::Bytes = serde_json::to_vec(state).expect("state serializes").into();
+    let written = match revision {
+        None => shared.checkpoints.create(instance, bytes).await,
+        Some(r) => shared
+            .checkpoints
+            .update(instance, bytes, r)
+            .await
+            .map_err(Into::into),
     }
+    .map_err(|e| e.to_string())?;
+    publish(shared, &state.outbox).await;
+    Ok(written)
+}
+
+/// Publishes effects in order, confirmed: first every event, sent together and then
+/// confirmed one by one (one round trip, not one per event: a step's events went out one
+/// after another), then the tasks, which carry their step event's sequence.
+async fn publish(shared: &Shared, effects: &[Effect]) {
+    let js = &shared.nats.js;
+    let span = tracing::Span::current();
+    let events: Vec<EventEnvelope> = effects
+        .iter()
+        .map(|effect| {
+            let mut event = effect.event().clone();
+            grizzly_shared::trace::stamp(&mut event, &span);
+            event
+        })
+        .collect();
+    let publishes = events
+        .iter()
+        .map(|event| {
+            let publish = PublishMessage::build()
+                .payload(event.to_json_bytes())
+                .headers(event.headers());
+            (event.subject().expect("valid").to_string(), publish)
+        })
+        .collect();
+    let acks = publish_all_confirmed(js, publishes).await;
+    let partitions = shared.settings.partitions;
+    let tasks = effects
+        .iter()
+        .zip(events)
+        .zip(acks)
+        .filter_map(|((effect, event), ack)| {
+            let Effect::Task {
+                handler,
+                version,
+                priority,
+                lane,
+                timeout_ms,
+                max_attempts,
+                ..
+            } = effect
+            else {
+                return None;
+            };
+            let mut task = Task::new(
+                handler,
+                *version,
+                ack.sequence,
+                partitions,
+                *priority,
+                event,
+            )
+            .with_ordering_key(lane.clone(), partitions);
+            task.timeout_ms = *timeout_ms;
+            task.max_attempts = *max_attempts;
+            let publish = PublishMessage::build()
+                .payload(task.to_json_bytes())
+                .message_id(task.msg_id());
+            Some((task.subject(), publish))
+        })
+        .collect();
+    publish_all_confirmed(js, tasks).await;
 }
 
 /// An event routed to one instance.
