@@ -941,3 +941,70 @@ async fn partitions_resume_from_their_cursors_and_a_corrupt_cursor_replays_the_l
     assert_eq!(calls(&log).len(), 14, "two steps for each of 7 instances");
     Ok(())
 }
+
+/// A partition applies the events waiting in its feed together. A burst of triggers, each
+/// followed at once by the event its instance's first step waits on, puts both in one group:
+/// the awaited event must still find the instance started just before it (in log order), and
+/// an event for another invoice must not.
+#[tokio::test]
+async fn a_burst_of_triggers_each_followed_by_its_awaited_event_completes_every_instance()
+-> anyhow::Result<()> {
+    const N: usize = 60;
+    let env = TestEnv::start().await?;
+    install_examples(&env);
+    let _worker = env.start_worker().await?;
+    let _coordinator = env.start_coordinator().await?;
+    let mut w = env.watch().await?;
+    // The coordinator is up once a first instance runs.
+    emit(&env, "events.invoice.warm.issued", json!({"customer": "c"})).await?;
+    emit(&env, "events.invoice.warm.paid", json!({"amount": 1})).await?;
+    w.wait_until(DEADLINE, |s| {
+        s.iter()
+            .any(|e| e.event_type() == "completed" && e.data()["output"]["invoice"] == "warm")
+    })
+    .await?;
+
+    // Sent without waiting for each confirmation, so the events arrive together.
+    let mut acks = Vec::new();
+    for i in 0..N {
+        for (kind, data) in [
+            ("issued", json!({"customer": "acme"})),
+            ("paid", json!({"amount": i})),
+        ] {
+            let subject = format!("events.invoice.burst-{i}.{kind}");
+            acks.push(
+                env.nats
+                    .js
+                    .publish(subject, data.to_string().into())
+                    .await?,
+            );
+        }
+        // The wait correlates on the aggregate: another invoice's payment does not count.
+        let subject = format!("events.invoice.other-{i}.paid");
+        acks.push(env.nats.js.publish(subject, "{}".into()).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let completed = |s: &[LoggedEvent]| -> Vec<Value> {
+        s.iter()
+            .filter(|e| e.event_type() == "completed")
+            .map(|e| e.data()["output"].clone())
+            .filter(|o| {
+                o["invoice"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("burst-"))
+            })
+            .collect()
+    };
+    w.wait_until(DEADLINE, |s| completed(s).len() >= N).await?;
+    let mut outputs = completed(&w.seen);
+    outputs.sort_by_key(|o| o["invoice"].as_str().unwrap().to_string());
+    let mut expected: Vec<Value> = (0..N)
+        .map(|i| json!({"invoice": format!("burst-{i}"), "paid": true}))
+        .collect();
+    expected.sort_by_key(|o| o["invoice"].as_str().unwrap().to_string());
+    assert_eq!(outputs, expected, "every invoice paid, each once");
+    assert_unique_steps(&w.seen);
+    Ok(())
+}
