@@ -285,6 +285,10 @@ async fn grizzly_dev_runs_the_example_handlers_end_to_end() -> anyhow::Result<()
 /// Every figure `grizzly bench all` reports (its JSON `figures`); the values depend on the
 /// machine, so the test checks only that each is there and is a number.
 const BENCH_FIGURES: &[&str] = &[
+    "workflow_instances_per_s",
+    "workflow_steps_over_plain_events",
+    "workflow_alone_p50_ms",
+    "workflow_alone_over_steps_plain_alone",
     "cold_p50_ms",
     "cold_p99_ms",
     "cold_events_per_s",
@@ -405,6 +409,15 @@ fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyho
             .unwrap_or_else(|| panic!("no row for {key} in:\n{stdout}"));
         assert!(row.contains("PASS") || row.contains("MISS"), "{row}");
     }
+    // The workflows bench runs in it too, reported without a target.
+    assert_eq!(
+        report["workflows"]["workflow_burst"]["events"], 60,
+        "{report}"
+    );
+    assert!(
+        stdout.contains("workflows of 3 no-op steps, fsync default: a burst of 60 instances"),
+        "{stdout}"
+    );
     assert!(report["quick"] == true);
     assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c >= 1));
     assert!(report["date"].as_str().is_some_and(|d| d.len() >= 20));

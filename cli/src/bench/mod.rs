@@ -1359,6 +1359,7 @@ struct Sizes {
     model_turns: usize,
     throughput_events: usize,
     success_events: usize,
+    workflow_instances: usize,
 }
 
 /// `grizzly bench all`: every bench on one machine in one run, a PASS/MISS table, and the
@@ -1371,6 +1372,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
             model_turns: 4,
             throughput_events: 2_000,
             success_events: 400,
+            workflow_instances: 60,
         }
     } else {
         Sizes {
@@ -1379,6 +1381,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
             model_turns: MODEL_TURNS,
             throughput_events: 20_000,
             success_events: 2_000,
+            workflow_instances: 2_000,
         }
     };
     let started = Instant::now();
@@ -1395,6 +1398,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
     .await?;
     let modes = throughput(sizes.throughput_events, &[true, false]).await?;
     let success = success(sizes.success_events).await?;
+    let flows = workflows::workflows(sizes.workflow_instances).await?;
     let (always, default) = (&modes[0], &modes[1]);
 
     let mut figures = serde_json::Map::new();
@@ -1492,6 +1496,9 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         }
     }
     put("success_pct".into(), success.success_pct);
+    for (key, value) in flows.figures() {
+        put(key.into(), value);
+    }
     put(
         "first_attempt_success_pct".into(),
         success.first_attempt_success_pct,
@@ -1589,6 +1596,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
     ]);
 
     print_summary(&targets, &machine, quick, &handlers, &modes, &success);
+    println!("  {}", flows.summary());
     let duration = started.elapsed().as_secs_f64();
     eprintln!("bench all took {duration:.0} s");
     Ok(json!({
@@ -1605,6 +1613,7 @@ async fn all(settings: &Settings, quick: bool) -> anyhow::Result<Value> {
         "handlers": handlers.json(),
         "throughput": throughput_json(sizes.throughput_events, &modes),
         "success": success.json(),
+        "workflows": flows.json(),
     }))
 }
 

@@ -44,6 +44,32 @@ impl WorkflowFigures {
         self.flow_alone.p50_ms / (STEPS as f64 * self.plain_alone.p50_ms).max(1e-9)
     }
 
+    /// The figures `bench all` records (no targets: what the coordinator adds per step).
+    pub(super) fn figures(&self) -> [(&'static str, f64); 4] {
+        [
+            ("workflow_instances_per_s", self.flow_burst.events_per_s),
+            ("workflow_steps_over_plain_events", self.steps_over_plain()),
+            ("workflow_alone_p50_ms", self.flow_alone.p50_ms),
+            (
+                "workflow_alone_over_steps_plain_alone",
+                self.alone_over_plain(),
+            ),
+        ]
+    }
+
+    /// One line for `bench all`'s summary.
+    pub(super) fn summary(&self) -> String {
+        format!(
+            "workflows of {STEPS} no-op steps, fsync default: a burst of {} instances {:.0}/s ({:.0} steps/s, ×{:.2} plain events/s); one alone p50 {:.1} ms (×{:.2} {STEPS} plain events one at a time); no target, see ARCHITECTURE.md (*Workflows*, Throughput)",
+            self.instances,
+            self.flow_burst.events_per_s,
+            self.flow_burst.events_per_s * STEPS as f64,
+            self.steps_over_plain(),
+            self.flow_alone.p50_ms,
+            self.alone_over_plain()
+        )
+    }
+
     pub(super) fn json(&self) -> Value {
         json!({
             "bench": "workflows",
