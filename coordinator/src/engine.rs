@@ -56,8 +56,9 @@ const CURSOR_EVERY: Duration = Duration::from_secs(1);
 /// Most events a partition takes from its feed to apply together ([`PartitionEngine::handle_all`]).
 const GROUP: usize = 64;
 
-/// The owner line of a partition's consumers (see [`recreate_from_ack_floor`]).
-pub fn consumer_name(partition: u16) -> String {
+/// The owner line of the durable consumers partitions read the log through in releases before
+/// the one reader (see [`PartitionEngine::resume_point`], which starts at their ack floor).
+fn consumer_name(partition: u16) -> String {
     format!("coordinator-{partition}")
 }
 

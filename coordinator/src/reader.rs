@@ -115,12 +115,17 @@ async fn run(
 ) {
     let mut subscribers: HashMap<u16, Subscriber> = HashMap::new();
     let mut open: Option<Open> = None;
+    // The filter follows the definitions the partitions loaded (a pinned older version may
+    // wait on other subjects than the files), worked out again only when a version is pinned:
+    // not once per event.
+    let (mut pins, mut filter) = (usize::MAX, Vec::new());
     loop {
         subscribers.retain(|_, s| !s.feed.is_closed());
         let need = subscribers.values().map(|s| s.next).min();
-        // The filter follows the definitions the partitions loaded (a pinned older version may
-        // wait on other subjects than the files).
-        let filter = filter_subjects(&shared.registry.subscriptions());
+        if shared.registry.pinned_count() != pins {
+            pins = shared.registry.pinned_count();
+            filter = filter_subjects(&shared.registry.subscriptions());
+        }
         match need {
             None => open = None,
             Some(need)
@@ -133,7 +138,7 @@ async fn run(
                         debug!(from = need, ?filter, "workflow reader (re)opened");
                         open = Some(Open {
                             messages,
-                            filter,
+                            filter: filter.clone(),
                             position: need,
                         });
                     }

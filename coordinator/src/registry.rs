@@ -87,6 +87,12 @@ impl Registry {
         newest.into_values()
     }
 
+    /// How many versions are pinned here so far. It only grows (the files are read once), and
+    /// [`Self::subscriptions`] changes only when it does.
+    pub fn pinned_count(&self) -> usize {
+        self.pinned.lock().expect("registry lock").len()
+    }
+
     /// Subject patterns of every known version (triggers and waits).
     pub fn subscriptions(&self) -> Vec<String> {
         let mut all: Vec<String> = self
