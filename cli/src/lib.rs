@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod causation;
+pub mod cursors;
 pub mod dev;
 pub mod dlq;
 pub mod emit;
@@ -49,6 +50,10 @@ pub enum Command {
     /// Workflows: validate, schema, start, status, list, suspend, resume, cancel, test, docs.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
+    /// Where each listener and coordinator partition resumes reading the log; set them all to
+    /// one point when taking over a log whose routing state is gone (e.g. after a failover).
+    #[command(subcommand)]
+    Cursors(cursors::CursorsCommand),
     /// Benchmarks, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -82,6 +87,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
         Command::Handler(cmd) => handlers::run(&settings, cmd).await,
         Command::Workflow(cmd) => workflow::run(&settings, cmd).await,
+        Command::Cursors(cmd) => cursors::run(&settings, cmd).await,
         Command::FakeApi { port } => {
             grizzly_devkit::serve_forever(grizzly_devkit::FakeApiConfig::with_port(port)).await?;
             Ok(ExitCode::SUCCESS)

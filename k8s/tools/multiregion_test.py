@@ -11,22 +11,25 @@ failover runbook of docs/multi-region.md is played:
     streams/euw1/*.json and catches up (same sequence numbers); no application message
     crosses the link directly, and a stray write to the passive region is refused;
  2. region A dies; region B is promoted the way Grizzly's ensure_streams does it (an update
-    to Grizzly's stream config turns each mirror into a writable stream), and the listener
-    consumer from consumers/grizzly-listener.json, started at the failover point, delivers
-    only what came after it; a re-sent event within the duplicate window is still dropped;
+    to Grizzly's stream config turns each mirror into a writable stream), and `grizzly cursors
+    set --time` starts every listener and coordinator partition at the first event after the
+    failover point; a re-sent event within the duplicate window is still dropped;
  3. region A comes back and, per the failback steps, re-creates EVENTS from
     streams/use1/EVENTS.json, catching up with what region B wrote meanwhile; on the switch
-    back a consumer started at a sequence number delivers exactly the events B wrote.
+    back `grizzly cursors set --seq` starts region A exactly at the first event B wrote.
 
 Streams are created with num_replicas 1 here (one server per region); everything else is the
 committed JSON. The promotion is done by the real `grizzly-coordinator` (its start-up
 ensure_streams) when a build is found (GRIZZLY_COORDINATOR_BIN, `none` for no binary, or target/release|debug),
-otherwise by the equivalent stream update. Needs NATS_SERVER (nats-server binary) and nats-py.
+otherwise by the equivalent stream update. The cursors are set by the `grizzly` CLI (newest of
+target/release|debug, or GRIZZLY_BIN); without a build that step fails. Needs NATS_SERVER
+(nats-server binary) and nats-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import os
@@ -146,24 +149,6 @@ async def publish(nc, n: int, start: int, tag: str) -> None:
                          headers={"Nats-Msg-Id": f"{tag}-{i}"})
 
 
-async def pull(nc, stream: str, consumer: str, group: str, batch: int) -> list:
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
-                     json.dumps({"batch": batch, "expires": 2_000_000_000, "group": group}).encode(),
-                     reply=inbox)
-    got = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=3)
-            if msg.data:  # status messages (timeouts, pins) have no body
-                got.append(json.loads(msg.data)["i"])
-    except Exception:
-        pass
-    await sub.unsubscribe()
-    return got
-
-
 def coordinator_bin() -> Path | None:
     chosen = os.environ.get("GRIZZLY_COORDINATOR_BIN")
     if chosen:
@@ -173,6 +158,45 @@ def coordinator_bin() -> Path | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def grizzly_bin() -> Path | None:
+    chosen = os.environ.get("GRIZZLY_BIN")
+    if chosen:
+        return Path(chosen)
+    built = [ROOT / "target" / p / "grizzly" for p in ("release", "debug")]
+    built = [b for b in built if b.is_file() and os.access(b, os.X_OK)]
+    return max(built, key=lambda b: b.stat().st_mtime, default=None)
+
+
+def grizzly(region: "Region", *args: str, partitions: int = 8) -> subprocess.CompletedProcess:
+    """The `grizzly` CLI against one region (the deployment's 8 partitions, R1 buckets here)."""
+    binary = grizzly_bin()
+    if binary is None:
+        raise RuntimeError("no grizzly build (cargo build --workspace --bins) for `grizzly cursors`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIZZLY_")}
+    env |= {"GRIZZLY_NATS_URL": f"nats://127.0.0.1:{region.port}", "GRIZZLY_STREAMS__REPLICAS": "1",
+            "GRIZZLY_LOG": "warn", "GRIZZLY_PARTITIONS": str(partitions)}
+    return subprocess.run([str(binary), "cursors", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=region.dir)
+
+
+def cursors_at(region: "Region", seq: int, what: str) -> None:
+    """`grizzly cursors set` + `show`: every partition of both components starts at `seq`."""
+    at = ["--seq", str(seq)] if what == "seq" else ["--time", what]
+    done = grizzly(region, "set", *at)
+    shown = grizzly(region, "show", "--json")
+    try:
+        parts = json.loads(shown.stdout)["partitions"]
+        ok = done.returncode == 0 and len(parts) == 8 and all(
+            p[c]["cursor"] == seq for p in parts for c in ("listener", "coordinator"))
+    except (ValueError, KeyError):
+        ok = False
+    result(ok, f"{region.name}: `grizzly cursors set {' '.join(at)}` starts every listener and "
+               f"coordinator partition at sequence {seq}", done.stdout + done.stderr + shown.stdout[:300])
+    fewer = grizzly(region, "set", "--seq", "1", partitions=4)
+    result(fewer.returncode == 1 and "has a cursor for partition 4" in fewer.stderr,
+           f"{region.name}: a partition count below the deployment's is refused", fewer.stderr)
 
 
 async def promote(nc, region: "Region", streams: dict) -> str:
@@ -214,7 +238,6 @@ async def scenario(work: Path) -> None:
     b = Region("region-b", work, tls, leaf, leaf)
     euw1 = {n: json.loads((MR / f"streams/euw1/{n}.json").read_text()) for n in ("EVENTS", "DLQ")}
     use1 = {n: json.loads((MR / f"streams/use1/{n}.json").read_text()) for n in ("EVENTS", "DLQ")}
-    consumer = json.loads((MR / "consumers/grizzly-listener.json").read_text())
     try:
         a.start()
         b.start()
@@ -257,6 +280,9 @@ async def scenario(work: Path) -> None:
         result(n == 25, "events written just before the failure reached region B", f"has {n}")
         await na.close()
         a.stop()
+        # Before any component starts there (runbook step 3): events 1–20 came before the
+        # failover point, 21–25 after it. EVENTS is still a mirror.
+        cursors_at(b, 21, failover_point.isoformat().replace("+00:00", "Z"))
         how = await promote(nb, b, euw1)
         for name in ("EVENTS", "DLQ"):
             r = await api(nb, f"$JS.API.STREAM.INFO.{name}")
@@ -264,14 +290,6 @@ async def scenario(work: Path) -> None:
                    and r.get("config", {}).get("subjects") == SUBJECTS[name]
                    and r.get("state", {}).get("messages") == (25 if name == "EVENTS" else 1),
                    f"region B: {name} promoted, history kept, by {how}", json.dumps(r)[:300])
-        cfg = consumer | {"opt_start_time": failover_point.isoformat().replace("+00:00", "Z")}
-        r = await api(nb, f"$JS.API.CONSUMER.CREATE.EVENTS.{cfg['durable_name']}",
-                      {"stream_name": "EVENTS", "config": cfg})
-        result("error" not in r, "region B: listener consumer created from consumers/grizzly-listener.json",
-               str(r.get("error")))
-        got = await pull(nb, "EVENTS", cfg["durable_name"], cfg["priority_groups"][0], 50)
-        result(sorted(got) == list(range(20, 25)),
-               "the failover consumer delivers only the events after the failover point", f"got {got}")
         ack = await nb.jetstream().publish("events.agent.a1.ping", b"{}", headers={"Nats-Msg-Id": "a-21"})
         result(ack.duplicate is True, "an event re-sent within the duplicate window is dropped after promotion")
         await publish(nb, 3, 100, "b")
@@ -287,17 +305,14 @@ async def scenario(work: Path) -> None:
         result("error" not in r, "region A: EVENTS re-created from streams/use1/EVENTS.json", str(r.get("error")))
         n = await wait_count(na, "EVENTS", 28)
         result(n == 28, "region A caught up with everything region B holds (28 events)", f"has {n}")
-        # Planned switch back: the listener consumer starts at an exact sequence (mirrors keep them).
+        # Planned switch back: region A starts exactly where region B stopped (mirrors keep
+        # sequence numbers): sequence 26, region B's first own event.
         r = await api(na, "$JS.API.STREAM.UPDATE.EVENTS", grizzly_stream_config("EVENTS", use1["EVENTS"]))
         result("error" not in r, "region A: EVENTS promoted again for the switch back", str(r.get("error")))
-        cfg = {k: v for k, v in consumer.items() if k != "opt_start_time"}
-        cfg |= {"deliver_policy": "by_start_sequence", "opt_start_seq": 26}
-        r = await api(na, f"$JS.API.CONSUMER.CREATE.EVENTS.{cfg['durable_name']}",
-                      {"stream_name": "EVENTS", "config": cfg})
-        got = await pull(na, "EVENTS", cfg["durable_name"], cfg["priority_groups"][0], 50)
-        result("error" not in r and got == [100, 101, 102],
-               "switch back: a consumer at opt_start_seq delivers exactly region B's own events",
-               f"{r.get('error')} got {got}")
+        got = [json.loads(base64.b64decode((await api(na, "$JS.API.STREAM.MSG.GET.EVENTS", {"seq": s}))
+                                           ["message"]["data"]))["i"] for s in (26, 27, 28)]
+        result(got == [100, 101, 102], "region A holds region B's own events at sequences 26–28", f"got {got}")
+        cursors_at(a, 26, "seq")
         await na.close()
         await nb.close()
     finally:

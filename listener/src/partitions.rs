@@ -105,11 +105,11 @@ pub struct Manager {
     pub written: Mutex<HashMap<u16, u64>>,
 }
 
-fn lease_key(partition: u16) -> String {
+pub fn lease_key(partition: u16) -> String {
     format!("route.{partition}")
 }
 
-fn cursor_key(partition: u16) -> String {
+pub fn cursor_key(partition: u16) -> String {
     format!("cursor.{partition}")
 }
 

@@ -301,9 +301,18 @@ pub async fn ensure_done_bucket(
 pub async fn listener_cursors(
     js: &jetstream::Context,
 ) -> Result<std::collections::BTreeMap<u16, u64>, async_nats::Error> {
+    cursors_in(js, CURSORS_BUCKET).await
+}
+
+/// The `cursor.<partition>` entries of `bucket` (the listeners' or the coordinators'); empty
+/// when the bucket does not exist.
+pub async fn cursors_in(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<std::collections::BTreeMap<u16, u64>, async_nats::Error> {
     use futures::StreamExt as _;
     let mut cursors = std::collections::BTreeMap::new();
-    let Ok(kv) = js.get_key_value(CURSORS_BUCKET).await else {
+    let Ok(kv) = js.get_key_value(bucket).await else {
         return Ok(cursors);
     };
     let mut keys = kv.keys().await?;

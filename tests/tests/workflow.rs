@@ -1008,3 +1008,145 @@ async fn a_burst_of_triggers_each_followed_by_its_awaited_event_completes_every_
     assert_unique_steps(&w.seen);
     Ok(())
 }
+
+/// A deployment taking over a log whose routing state is gone (a region promoted after a
+/// failover, lost KV buckets) starts every partition at a chosen point with `grizzly cursors
+/// set`: events before it are not routed again and workflows triggered before it are not started
+/// again; everything after it is. Malformed requests, and a request while a listener or
+/// coordinator runs, are refused and change nothing.
+#[tokio::test]
+async fn cursors_set_starts_routing_and_workflows_at_the_chosen_point() -> anyhow::Result<()> {
+    let mut env = TestEnv::start().await?;
+    // One partition: the coordinator applies every instance's events in log order.
+    env.settings.partitions = 1;
+    let log = step_handler(&env, "step", "on: [\"events.agent.*.ping\"]\n");
+    write_workflow(
+        &env,
+        "one.yaml",
+        "name: one\ndo:\n  - id: a\n    call: step\n",
+    );
+    let cli = |args: &'static [&'static str]| {
+        let mut cmd = env.grizzly();
+        cmd.env("GRIZZLY_PARTITIONS", "1").args(args);
+        cmd
+    };
+    // History, handled where it was written: not to be handled here again.
+    emit(&env, "events.agent.a1.ping", json!({"n": 1})).await?;
+    start(&env, "one", "old", json!({})).await?;
+    let now =
+        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
+
+    for (args, expected) in [
+        (
+            vec!["cursors", "set"],
+            "required arguments were not provided",
+        ),
+        (
+            vec!["cursors", "set", "--seq", "1", "--time", &now],
+            "cannot be used with",
+        ),
+        (
+            vec!["cursors", "set", "--time", "yesterday"],
+            "not an RFC 3339 time",
+        ),
+        (
+            vec!["cursors", "set", "--seq", "0"],
+            "log sequences start at 1",
+        ),
+        (
+            vec!["cursors", "set", "--seq", "9"],
+            "beyond the end of the log: its last event is 2",
+        ),
+    ] {
+        let mut cmd = env.grizzly();
+        let out = cmd
+            .env("GRIZZLY_PARTITIONS", "1")
+            .args(&args)
+            .output()
+            .await?;
+        assert!(!out.status.success(), "{args:?} accepted: {}", text(&out));
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
+    let out = cli(&["cursors", "show", "--json"]).output().await?;
+    let shown: Value = serde_json::from_slice(&out.stdout).context(text(&out))?;
+    assert_eq!(
+        shown["partitions"][0]["listener"]["cursor"],
+        Value::Null,
+        "{shown}"
+    );
+
+    let out = env
+        .grizzly()
+        .env("GRIZZLY_PARTITIONS", "1")
+        .args(["cursors", "set", "--time", &now])
+        .output()
+        .await?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("partitions 0–0 start at sequence 3"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["cursors", "show", "--json"]).output().await?;
+    let shown: Value = serde_json::from_slice(&out.stdout).context(text(&out))?;
+    for part in ["listener", "coordinator"] {
+        assert_eq!(shown["partitions"][0][part]["cursor"], 3, "{shown}");
+    }
+
+    // After the point: handled, started. The second ping of a1 comes after the first in a1's
+    // order, so once it is handled the first would have been too, had it been routed.
+    start(&env, "one", "new", json!({})).await?;
+    emit(&env, "events.agent.a1.ping", json!({"n": 2})).await?;
+    let mut w = env.watch().await?;
+    let _listener = env.start_listener_with(env.settings.clone()).await?;
+    let _worker = env.start_worker_with(env.settings.clone()).await?;
+    let nats =
+        grizzly_shared::nats::connect(&env.settings.nats_url, "test-coordinator", false).await?;
+    let coordinator = grizzly_coordinator::Coordinator::new(nats, env.settings.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(coordinator.run(stop.clone()));
+    let end = wait_end(&mut w, "new").await?;
+    assert_eq!(end.event_type(), "completed", "{:?}", end.data());
+    w.wait_until(DEADLINE, |seen| {
+        seen.iter().any(|e| {
+            e.subject == "events.agent.a1.handler_succeeded" && e.data()["output"]["n"] == 2
+        })
+    })
+    .await?;
+    let pings: Vec<_> = w
+        .seen
+        .iter()
+        .filter(|e| e.subject == "events.agent.a1.handler_succeeded")
+        .map(|e| e.data()["output"]["n"].clone())
+        .collect();
+    assert_eq!(
+        pings,
+        vec![json!(2)],
+        "the ping before the point was handled again"
+    );
+    assert!(
+        w.seen
+            .iter()
+            .all(|e| !e.subject.starts_with("events.workflow.old.")
+                || e.event_type() == "start_requested"),
+        "the workflow triggered before the point was started again"
+    );
+    let calls = std::fs::read_to_string(&log)?;
+    assert_eq!(calls.lines().count(), 2, "{calls}");
+
+    // Refused while a listener and a coordinator run; nothing changes.
+    let out = cli(&["cursors", "set", "--seq", "1"]).output().await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is running"), "{}", text(&out));
+    let out = cli(&["cursors", "set", "--seq", "1", "--only", "coordinator"])
+        .output()
+        .await?;
+    assert!(
+        text(&out).contains("a coordinator is running"),
+        "{}",
+        text(&out)
+    );
+    stop.cancel();
+    running.await??;
+    Ok(())
+}
