@@ -26,6 +26,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+const NO_LOG: &str =
+    "no EVENTS stream on this server (check --nats-url; a Grizzly component creates it at start)";
+
 #[derive(clap::Subcommand)]
 pub enum CursorsCommand {
     /// Each partition's listener and coordinator cursor, and who holds the partition now.
@@ -87,7 +90,7 @@ async fn show(js: &jetstream::Context, partitions: u16, as_json: bool) -> anyhow
     let log = js
         .get_stream(EVENTS_STREAM)
         .await
-        .context("EVENTS stream")?
+        .context(NO_LOG)?
         .cached_info()
         .state
         .clone();
