@@ -1036,25 +1036,30 @@ async fn cursors_set_starts_routing_and_workflows_at_the_chosen_point() -> anyho
     let now =
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
 
-    for (args, expected) in [
+    for (args, code, expected) in [
         (
             vec!["cursors", "set"],
+            2,
             "required arguments were not provided",
         ),
         (
             vec!["cursors", "set", "--seq", "1", "--time", &now],
+            2,
             "cannot be used with",
         ),
         (
             vec!["cursors", "set", "--time", "yesterday"],
+            2,
             "not an RFC 3339 time",
         ),
         (
             vec!["cursors", "set", "--seq", "0"],
+            1,
             "log sequences start at 1",
         ),
         (
             vec!["cursors", "set", "--seq", "9"],
+            1,
             "beyond the end of the log: its last event is 2",
         ),
     ] {
@@ -1064,7 +1069,7 @@ async fn cursors_set_starts_routing_and_workflows_at_the_chosen_point() -> anyho
             .args(&args)
             .output()
             .await?;
-        assert!(!out.status.success(), "{args:?} accepted: {}", text(&out));
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
     }
     let out = cli(&["cursors", "show", "--json"]).output().await?;
