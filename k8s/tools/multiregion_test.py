@@ -20,10 +20,10 @@ failover runbook of docs/multi-region.md is played:
 
 Streams are created with num_replicas 1 here (one server per region); everything else is the
 committed JSON. The promotion is done by the real `grizzly-coordinator` (its start-up
-ensure_streams) when a build is found (GRIZZLY_COORDINATOR_BIN, `none` for no binary, or target/release|debug),
-otherwise by the equivalent stream update. The cursors are set by the `grizzly` CLI (newest of
-target/release|debug, or GRIZZLY_BIN); without a build that step fails. Needs NATS_SERVER
-(nats-server binary) and nats-py.
+ensure_streams) when a build is found (GRIZZLY_COORDINATOR_BIN, `none` for no binary, or
+release|debug under $CARGO_TARGET_DIR or target/), otherwise by the equivalent stream update.
+The cursors are set by the `grizzly` CLI (the newer of the release and debug builds there, or
+GRIZZLY_BIN); without a build that step fails. Needs NATS_SERVER (nats-server binary) and nats-py.
 """
 
 from __future__ import annotations
@@ -149,12 +149,15 @@ async def publish(nc, n: int, start: int, tag: str) -> None:
                          headers={"Nats-Msg-Id": f"{tag}-{i}"})
 
 
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+
+
 def coordinator_bin() -> Path | None:
     chosen = os.environ.get("GRIZZLY_COORDINATOR_BIN")
     if chosen:
         return None if chosen == "none" else Path(chosen)
     for profile in ("release", "debug"):
-        candidate = ROOT / "target" / profile / "grizzly-coordinator"
+        candidate = TARGET / profile / "grizzly-coordinator"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -164,7 +167,7 @@ def grizzly_bin() -> Path | None:
     chosen = os.environ.get("GRIZZLY_BIN")
     if chosen:
         return Path(chosen)
-    built = [ROOT / "target" / p / "grizzly" for p in ("release", "debug")]
+    built = [TARGET / p / "grizzly" for p in ("release", "debug")]
     built = [b for b in built if b.is_file() and os.access(b, os.X_OK)]
     return max(built, key=lambda b: b.stat().st_mtime, default=None)
 
