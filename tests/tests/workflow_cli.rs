@@ -166,3 +166,22 @@ fn docs_render_markdown_with_a_mermaid_diagram_and_the_schema_is_json_schema() {
         "{schema}"
     );
 }
+
+/// `grizzly … | head`: a reader that has gone ends the command the way SIGPIPE would (status
+/// 141, nothing on stderr), not with a panic.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin_path("grizzly"))
+        .current_dir(root())
+        .env("GRIZZLY_HANDLERS_DIR", root().join("handlers"))
+        .env("GRIZZLY_WORKFLOWS_DIR", root().join("workflows"))
+        .args(["workflow", "validate"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", text(&out));
+    assert!(out.stderr.is_empty(), "{}", text(&out));
+}
