@@ -66,16 +66,14 @@ pub async fn ensure_instances_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> anyhow::Result<kv::Store> {
-    Ok(js
-        .create_or_update_key_value(kv::Config {
-            bucket: INSTANCES_BUCKET.into(),
-            description: "Grizzly workflow instance checkpoints".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await?)
+    Ok(grizzly_shared::nats::ensure_bucket(
+        js,
+        INSTANCES_BUCKET,
+        "Grizzly workflow instance checkpoints",
+        Duration::ZERO,
+        replicas,
+    )
+    .await?)
 }
 
 /// Everything the partitions of one coordinator share.

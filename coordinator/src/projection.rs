@@ -177,16 +177,14 @@ impl InstanceView {
 }
 
 pub async fn ensure_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::Result<kv::Store> {
-    Ok(js
-        .create_or_update_key_value(kv::Config {
-            bucket: VIEW_BUCKET.into(),
-            description: "Grizzly workflow instances read model (rebuildable from the log)".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await?)
+    Ok(grizzly_shared::nats::ensure_bucket(
+        js,
+        VIEW_BUCKET,
+        "Grizzly workflow instances read model (rebuildable from the log)",
+        Duration::ZERO,
+        replicas,
+    )
+    .await?)
 }
 
 /// Reads one instance's view.

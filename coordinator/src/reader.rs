@@ -46,16 +46,14 @@ pub async fn ensure_cursors_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> anyhow::Result<kv::Store> {
-    Ok(js
-        .create_or_update_key_value(kv::Config {
-            bucket: CURSORS_BUCKET.into(),
-            description: "Grizzly workflow partition cursors".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await?)
+    Ok(grizzly_shared::nats::ensure_bucket(
+        js,
+        CURSORS_BUCKET,
+        "Grizzly workflow partition cursors",
+        Duration::ZERO,
+        replicas,
+    )
+    .await?)
 }
 
 pub fn cursor_key(partition: u16) -> String {

@@ -28,16 +28,14 @@ pub fn pin_key(name: &str, version: u32) -> String {
 }
 
 pub async fn ensure_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::Result<kv::Store> {
-    Ok(js
-        .create_or_update_key_value(kv::Config {
-            bucket: WORKFLOWS_BUCKET.into(),
-            description: "Grizzly workflow versions, immutable once an instance ran them".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await?)
+    Ok(grizzly_shared::nats::ensure_bucket(
+        js,
+        WORKFLOWS_BUCKET,
+        "Grizzly workflow versions, immutable once an instance ran them",
+        std::time::Duration::ZERO,
+        replicas,
+    )
+    .await?)
 }
 
 pub struct Registry {

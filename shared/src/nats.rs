@@ -188,7 +188,9 @@ pub async fn ensure_lease_bucket(
 
 /// A file-stored bucket keeping each key's latest value; entries expire after `max_age` (zero:
 /// never).
-async fn ensure_bucket(
+/// A key-value bucket of Grizzly's: one value per key, on disk, `max_age` (zero: no expiry);
+/// created, or brought to this configuration.
+pub async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &'static str,
     description: &str,
