@@ -86,7 +86,7 @@ async fn show(js: &jetstream::Context, partitions: u16, as_json: bool) -> anyhow
     let coordinator = nats::cursors_in(js, wf_reader::CURSORS_BUCKET)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let leases = leases(js).await?;
+    let leases = holders(js, "").await?;
     let log = js
         .get_stream(EVENTS_STREAM)
         .await
@@ -157,13 +157,12 @@ async fn set(
         None => vec![Part::Listener, Part::Coordinator],
     };
     // A running component would overwrite the cursors with its own (and route meanwhile).
-    let leases = leases(js).await?;
     for part in &parts {
         let (prefix, who) = match part {
             Part::Listener => ("route.", "listener"),
             Part::Coordinator => ("wf.partition.", "coordinator"),
         };
-        if let Some((key, holder)) = leases.iter().find(|(k, _)| k.starts_with(prefix)) {
+        if let Some((key, holder)) = holders(js, prefix).await?.pop_first() {
             bail!(
                 "a {who} is running ({key} is held by {holder}): stop every {who} first, then set the cursors"
             );
@@ -251,20 +250,17 @@ async fn first_at_or_after(
         .stream_sequence)
 }
 
-/// Live leases (key → holder); none when the bucket does not exist yet.
-async fn leases(js: &jetstream::Context) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut held = BTreeMap::new();
-    let Ok(bucket) = js.get_key_value(LEASES_BUCKET).await else {
-        return Ok(held);
-    };
-    let mut keys = bucket.keys().await?;
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if let Some(holder) = bucket.get(&key).await? {
-            held.insert(key, String::from_utf8_lossy(&holder).into_owned());
-        }
-    }
-    Ok(held)
+/// Live leases whose key starts with `prefix` (key → holder).
+async fn holders(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    Ok(nats::entries(js, LEASES_BUCKET, prefix)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_iter()
+        .map(|(key, holder)| (key, String::from_utf8_lossy(&holder).into_owned()))
+        .collect())
 }
 
 async fn purge(bucket: &kv::Store, key: &str) -> anyhow::Result<()> {

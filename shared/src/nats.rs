@@ -312,26 +312,39 @@ pub async fn cursors_in(
     js: &jetstream::Context,
     bucket: &str,
 ) -> Result<std::collections::BTreeMap<u16, u64>, async_nats::Error> {
+    Ok(entries(js, bucket, "cursor.")
+        .await?
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let partition = key.strip_prefix("cursor.")?.parse().ok()?;
+            let seq = std::str::from_utf8(&value).ok()?.parse().ok()?;
+            Some((partition, seq))
+        })
+        .collect())
+}
+
+/// The entries of `bucket` whose key starts with `prefix` (key → value); empty when the bucket
+/// does not exist. One read per key: for the small buckets of leases and cursors.
+pub async fn entries(
+    js: &jetstream::Context,
+    bucket: &str,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, bytes::Bytes>, async_nats::Error> {
     use futures::StreamExt as _;
-    let mut cursors = std::collections::BTreeMap::new();
+    let mut found = std::collections::BTreeMap::new();
     let Ok(kv) = js.get_key_value(bucket).await else {
-        return Ok(cursors);
+        return Ok(found);
     };
     let mut keys = kv.keys().await?;
     while let Some(key) = keys.next().await {
         let key = key?;
-        let Some(partition) = key.strip_prefix("cursor.").and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        if let Some(value) = kv.get(&key).await?
-            && let Some(seq) = std::str::from_utf8(&value)
-                .ok()
-                .and_then(|v| v.parse().ok())
+        if key.starts_with(prefix)
+            && let Some(value) = kv.get(&key).await?
         {
-            cursors.insert(partition, seq);
+            found.insert(key, value);
         }
     }
-    Ok(cursors)
+    Ok(found)
 }
 
 /// The pauses between attempts of a broker write that is retried until it succeeds: from 50 ms,

@@ -155,17 +155,12 @@ impl TestEnv {
         &self,
         prefix: &str,
     ) -> anyhow::Result<std::collections::HashMap<String, String>> {
-        let leases =
-            nats::ensure_lease_bucket(&self.nats.js, self.settings.worker.lease_ttl, 1).await?;
         let mut held = std::collections::HashMap::new();
-        let mut keys = leases.keys().await?;
-        while let Some(key) = keys.next().await {
-            let key = key?;
-            if key.starts_with(prefix)
-                && let Some(owner) = leases.get(&key).await?
-            {
-                held.insert(key, String::from_utf8(owner.to_vec())?);
-            }
+        for (key, owner) in nats::entries(&self.nats.js, nats::LEASES_BUCKET, prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            held.insert(key, String::from_utf8(owner.to_vec())?);
         }
         Ok(held)
     }
