@@ -183,21 +183,16 @@ async fn set(
     let replicas = settings.streams.replicas;
     let value = bytes::Bytes::from(seq.to_string());
     for part in parts {
-        let (bucket, name, key): (_, _, fn(u16) -> String) = match part {
-            Part::Listener => (
-                nats::ensure_cursor_bucket(js, replicas).await?,
-                "listener",
-                routing::cursor_key,
-            ),
+        let (bucket, name) = match part {
+            Part::Listener => (nats::ensure_cursor_bucket(js, replicas).await?, "listener"),
             Part::Coordinator => (
                 wf_reader::ensure_cursors_bucket(js, replicas).await?,
                 "coordinator",
-                wf_reader::cursor_key,
             ),
         };
         for p in 0..settings.partitions {
             bucket
-                .put(key(p), value.clone())
+                .put(nats::cursor_key(p), value.clone())
                 .await
                 .with_context(|| format!("writing {name} cursor.{p}"))?;
             if part == Part::Listener {

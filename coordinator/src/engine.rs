@@ -34,7 +34,7 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use grizzly_shared::envelope::EventEnvelope;
 use grizzly_shared::nats::{
-    EVENTS_STREAM, LeaseFence, Nats, publish_all_confirmed, publish_confirmed,
+    EVENTS_STREAM, LeaseFence, Nats, cursor_key, publish_all_confirmed, publish_confirmed,
 };
 use grizzly_shared::task::partition_for;
 use grizzly_shared::{EventSubject, Settings, Task};
@@ -46,7 +46,7 @@ use crate::instance::{
     AGGREGATE, Ctx, Effect, Input, InstanceState, ParentRef, SOURCE, instance_id_for_trigger,
     timer_event_id,
 };
-use crate::reader::{Fed, Reader, cursor_key};
+use crate::reader::{Fed, Reader};
 use crate::registry::Registry;
 
 pub const INSTANCES_BUCKET: &str = "grizzly_wf_instances";

@@ -56,10 +56,6 @@ pub async fn ensure_cursors_bucket(
     .await?)
 }
 
-pub fn cursor_key(partition: u16) -> String {
-    format!("cursor.{partition}")
-}
-
 struct Subscribe {
     partition: u16,
     from: u64,

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
+use grizzly_shared::nats::cursor_key;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -107,10 +108,6 @@ pub struct Manager {
 
 pub fn lease_key(partition: u16) -> String {
     format!("route.{partition}")
-}
-
-pub fn cursor_key(partition: u16) -> String {
-    format!("cursor.{partition}")
 }
 
 pub fn round_key(partition: u16) -> String {

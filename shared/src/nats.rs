@@ -306,6 +306,11 @@ pub async fn listener_cursors(
     cursors_in(js, CURSORS_BUCKET).await
 }
 
+/// The key of a partition's cursor, in the listeners' bucket and in the coordinators' alike.
+pub fn cursor_key(partition: u16) -> String {
+    format!("cursor.{partition}")
+}
+
 /// The `cursor.<partition>` entries of `bucket` (the listeners' or the coordinators'); empty
 /// when the bucket does not exist.
 pub async fn cursors_in(

@@ -884,7 +884,8 @@ async fn a_late_pull_of_a_replaced_partition_consumer_takes_nothing_from_its_suc
 #[tokio::test]
 async fn partitions_resume_from_their_cursors_and_a_corrupt_cursor_replays_the_log()
 -> anyhow::Result<()> {
-    use grizzly_coordinator::reader::{cursor_key, ensure_cursors_bucket};
+    use grizzly_coordinator::reader::ensure_cursors_bucket;
+    use grizzly_shared::nats::cursor_key;
     let env = TestEnv::start().await?;
     let log = step_handler(&env, "step", "");
     write_workflow(
