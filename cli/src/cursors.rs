@@ -169,17 +169,13 @@ async fn set(
         }
     }
     // Partitions the deployment has beyond `settings.partitions` would keep their old cursors.
-    for bucket in [CURSORS_BUCKET, wf_reader::CURSORS_BUCKET] {
-        let existing = nats::cursors_in(js, bucket)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if let Some(p) = existing.keys().find(|p| **p >= settings.partitions) {
-            bail!(
-                "{bucket} has a cursor for partition {p}, but `partitions` is {}: set it to the deployment's (GRIZZLY_PARTITIONS)",
-                settings.partitions
-            );
-        }
-    }
+    nats::check_partitions(
+        js,
+        &[CURSORS_BUCKET, wf_reader::CURSORS_BUCKET],
+        settings.partitions,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let replicas = settings.streams.replicas;
     let value = bytes::Bytes::from(seq.to_string());
     for part in parts {

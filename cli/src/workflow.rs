@@ -70,6 +70,11 @@ pub enum WorkflowCommand {
     Resume(ControlArgs),
     /// Cancel an instance.
     Cancel(ControlArgs),
+    /// Rebuild the instances' checkpoints by replaying the log, where they are lost (a region
+    /// promoted after a failover): publishes what the log lacks, writes the tasks of steps in
+    /// flight again, and starts the coordinators after the log's last event. Coordinators
+    /// stopped.
+    Restore,
     /// Run workflow test files (scripted handler outputs, no broker).
     Test { paths: Vec<PathBuf> },
     /// Render a workflow as Markdown with a Mermaid diagram.
@@ -118,6 +123,7 @@ pub async fn run(settings: &Settings, cmd: WorkflowCommand) -> anyhow::Result<Ex
         WorkflowCommand::Suspend(a) => control(settings, Transition::Suspend, a).await,
         WorkflowCommand::Resume(a) => control(settings, Transition::Resume, a).await,
         WorkflowCommand::Cancel(a) => control(settings, Transition::Cancel, a).await,
+        WorkflowCommand::Restore => restore(settings).await,
     }
 }
 
@@ -397,6 +403,31 @@ async fn status(settings: &Settings, id: &str, as_json: bool) -> anyhow::Result<
     } else {
         print_view(&v);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn restore(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let nats = connect(settings).await?;
+    let done = grizzly_coordinator::restore::restore(&nats, settings).await?;
+    match done.replayed {
+        Some((first, last)) => println!(
+            "replayed events {first}–{last}: {} applied to workflow instances",
+            done.applied
+        ),
+        None => println!("the log is empty: nothing to replay"),
+    }
+    println!(
+        "{} checkpoints written, {} of them unfinished; {} events the log lacked published; {} tasks of steps in flight written",
+        done.instances, done.unfinished, done.published, done.tasks
+    );
+    for skipped in &done.skipped {
+        println!("not restored: {skipped}");
+    }
+    println!(
+        "coordinator partitions 0–{} start at sequence {}; start the coordinators, then `grizzly workflow list --rebuild`",
+        settings.partitions.saturating_sub(1),
+        done.cursor
+    );
     Ok(ExitCode::SUCCESS)
 }
 

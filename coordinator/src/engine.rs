@@ -87,7 +87,7 @@ pub struct Shared {
 
 /// What an event means for one instance.
 #[derive(Debug, Clone)]
-enum Routed {
+pub(crate) enum Routed {
     Start {
         workflow: String,
         version: Option<u32>,
@@ -643,28 +643,11 @@ impl PartitionEngine {
             .filter(|d| d.partition == self.partition)
             .map(|d| (d.instance.clone(), d.routed.clone()))
             .collect();
-        // Serialized only for an event some instance waits on.
-        let mut event_json = None;
-        for id in &self.waiting {
-            let Some(cached) = self.instances.get(id) else {
-                continue;
-            };
-            for (step, wait) in cached.state.waits() {
-                if wait.matches(subject, event) {
-                    let mut ev = event_json
-                        .get_or_insert_with(|| serde_json::to_value(event).unwrap_or_default())
-                        .clone();
-                    ev["subject"] = json!(subject);
-                    out.push((
-                        id.clone(),
-                        Routed::Input(Input::Event {
-                            step: step.to_string(),
-                            event: ev,
-                        }),
-                    ));
-                }
-            }
-        }
+        let waiting = self
+            .waiting
+            .iter()
+            .filter_map(|id| Some((id.as_str(), &self.instances.get(id)?.state)));
+        out.extend(awaited(subject, event, waiting));
         out
     }
 
@@ -709,98 +692,41 @@ impl PartitionEngine {
                 return Prepared::Retry;
             }
         };
-        let shared = self.shared.clone();
-        let (state, revision) = match (current, routed) {
-            (Some(c), _) if seq <= c.state.last_seq => {
+        let current = match current {
+            Some(c) if seq <= c.state.last_seq => {
                 if seq == c.state.last_seq {
                     publish(&self.shared, &c.state.outbox).await;
                 }
                 self.cache(instance.to_string(), c);
                 return Prepared::Done;
             }
-            (Some(c), Routed::Start { .. }) => {
-                // Started already (a replayed trigger beyond the dedup window).
-                self.cache(instance.to_string(), c);
-                return Prepared::Done;
-            }
-            (None, Routed::Input(_)) => return Prepared::Done,
-            (
-                None,
-                Routed::Start {
-                    workflow,
-                    version,
-                    input,
-                    parent,
-                },
-            ) => {
-                let def = match shared.registry.for_start(workflow, *version).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(%instance, error = %e, "start refused");
-                        let subject = EventSubject::new(AGGREGATE, instance, "start_rejected")
-                            .expect("valid");
-                        let mut rejected = event.caused(
-                            &subject,
-                            SOURCE,
-                            json!({"workflow": workflow, "error": e}),
-                            &[],
-                        );
-                        rejected.id = grizzly_shared::ids::derived_id(&[
-                            "workflow",
-                            instance,
-                            "start_rejected",
-                            &event.id,
-                        ]);
-                        publish(&self.shared, &[Effect::Event { event: rejected }]).await;
-                        return Prepared::Done;
-                    }
-                };
-                let catalog = shared.registry.catalog();
-                let ctx = Ctx {
-                    def: &def.spec,
-                    catalog: &catalog,
-                    now_ms: now_ms(),
-                    cause: event,
-                };
-                let (mut st, fx) =
-                    InstanceState::start(&ctx, instance, input.clone(), parent.clone());
-                st.last_seq = seq;
-                st.outbox = fx;
-                (st, None)
-            }
-            (Some(c), Routed::Input(input)) => {
-                let def = match shared
-                    .registry
-                    .get(&c.state.workflow, c.state.version)
-                    .await
-                {
-                    Ok(d) => d,
-                    Err(e) => {
-                        error!(%instance, error = %e, "no definition for instance; event skipped");
-                        return Prepared::Done;
-                    }
-                };
-                let catalog = shared.registry.catalog();
-                let ctx = Ctx {
-                    def: &def.spec,
-                    catalog: &catalog,
-                    now_ms: now_ms(),
-                    cause: event,
-                };
-                let mut st = c.state.clone();
-                let fx = st.apply(&ctx, input.clone());
-                if fx.is_empty() && st == c.state {
-                    self.cache(instance.to_string(), c);
-                    return Prepared::Done;
-                }
-                st.last_seq = seq;
-                st.outbox = fx;
-                (st, Some(c.revision))
-            }
+            other => other,
         };
-        Prepared::Write {
-            state: Box::new(state),
-            revision,
+        let applied = apply_routed(
+            &self.shared,
+            instance,
+            current.as_ref().map(|c| &c.state),
+            routed,
+            event,
+            seq,
+            now_ms(),
+        )
+        .await;
+        match applied {
+            Applied::Unchanged => {
+                if let Some(c) = current {
+                    self.cache(instance.to_string(), c);
+                }
+                Prepared::Done
+            }
+            Applied::Rejected(rejected) => {
+                publish(&self.shared, &[*rejected]).await;
+                Prepared::Done
+            }
+            Applied::Changed(state) => Prepared::Write {
+                state,
+                revision: current.map(|c| c.revision),
+            },
         }
     }
 
@@ -830,6 +756,123 @@ impl PartitionEngine {
     }
 }
 
+/// The inputs `event` is for instances waiting on an event (each a step whose wait it matches).
+pub(crate) fn awaited<'a>(
+    subject: &str,
+    event: &EventEnvelope,
+    waiting: impl Iterator<Item = (&'a str, &'a InstanceState)>,
+) -> Vec<(String, Routed)> {
+    let mut out = Vec::new();
+    // Serialized only for an event some instance waits on.
+    let mut event_json = None;
+    for (id, state) in waiting {
+        for (step, wait) in state.waits() {
+            if wait.matches(subject, event) {
+                let mut ev = event_json
+                    .get_or_insert_with(|| serde_json::to_value(event).unwrap_or_default())
+                    .clone();
+                ev["subject"] = json!(subject);
+                out.push((
+                    id.to_string(),
+                    Routed::Input(Input::Event {
+                        step: step.to_string(),
+                        event: ev,
+                    }),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// What one routed event does to an instance.
+pub(crate) enum Applied {
+    /// Nothing to write: an input for no instance, a start of one that exists, an input that
+    /// changes nothing, or an instance whose definition is gone.
+    Unchanged,
+    /// A start the registry refuses: only its `start_rejected` event is to be published.
+    Rejected(Box<Effect>),
+    /// The new state (`last_seq` = the event's), its effects in its outbox.
+    Changed(Box<InstanceState>),
+}
+
+/// Applies one routed event to an instance's state (`None`: it has none) at time `now_ms`:
+/// the interpreter's part of applying an event, without reading or writing checkpoints. The
+/// partitions call it with the clock, `grizzly workflow restore` with each event's stored time.
+pub(crate) async fn apply_routed(
+    shared: &Shared,
+    instance: &str,
+    current: Option<&InstanceState>,
+    routed: &Routed,
+    event: &EventEnvelope,
+    seq: u64,
+    now_ms: u64,
+) -> Applied {
+    let catalog = shared.registry.catalog();
+    let (def, current) = match (current, routed) {
+        // Started already (a replayed trigger beyond the dedup window).
+        (Some(_), Routed::Start { .. }) | (None, Routed::Input(_)) => return Applied::Unchanged,
+        (
+            None,
+            Routed::Start {
+                workflow, version, ..
+            },
+        ) => match shared.registry.for_start(workflow, *version).await {
+            Ok(def) => (def, None),
+            Err(e) => {
+                warn!(%instance, error = %e, "start refused");
+                let subject =
+                    EventSubject::new(AGGREGATE, instance, "start_rejected").expect("valid");
+                let mut rejected = event.caused(
+                    &subject,
+                    SOURCE,
+                    json!({"workflow": workflow, "error": e}),
+                    &[],
+                );
+                rejected.id = grizzly_shared::ids::derived_id(&[
+                    "workflow",
+                    instance,
+                    "start_rejected",
+                    &event.id,
+                ]);
+                return Applied::Rejected(Box::new(Effect::Event { event: rejected }));
+            }
+        },
+        (Some(c), Routed::Input(_)) => match shared.registry.get(&c.workflow, c.version).await {
+            Ok(def) => (def, Some(c)),
+            Err(e) => {
+                error!(%instance, error = %e, "no definition for instance; event skipped");
+                return Applied::Unchanged;
+            }
+        },
+    };
+    let ctx = Ctx {
+        def: &def.spec,
+        catalog: &catalog,
+        now_ms,
+        cause: event,
+    };
+    let mut state = match (current, routed) {
+        (None, Routed::Start { input, parent, .. }) => {
+            let (mut st, fx) = InstanceState::start(&ctx, instance, input.clone(), parent.clone());
+            st.outbox = fx;
+            st
+        }
+        (Some(c), Routed::Input(input)) => {
+            let mut st = c.clone();
+            let fx = st.apply(&ctx, input.clone());
+            if fx.is_empty() && st == *c {
+                return Applied::Unchanged;
+            }
+            st.outbox = fx;
+            st
+        }
+        _ => unreachable!("the other pairs returned above"),
+    };
+    state.last_seq = seq;
+    Applied::Changed(Box::new(state))
+}
+
 /// Writes an instance's checkpoint (compare-and-set on `revision`; `None` creates it), then
 /// publishes its outbox; the new revision.
 async fn commit(
@@ -855,7 +898,7 @@ async fn commit(
 /// Publishes effects in order, confirmed: first every event, sent together and then
 /// confirmed one by one (one round trip, not one per event: a step's events went out one
 /// after another), then the tasks, which carry their step event's sequence.
-async fn publish(shared: &Shared, effects: &[Effect]) {
+pub(crate) async fn publish(shared: &Shared, effects: &[Effect]) {
     let js = &shared.nats.js;
     let span = tracing::Span::current();
     let events: Vec<EventEnvelope> = effects
@@ -876,49 +919,51 @@ async fn publish(shared: &Shared, effects: &[Effect]) {
         })
         .collect();
     let acks = publish_all_confirmed(js, publishes).await;
-    let partitions = shared.settings.partitions;
     let tasks = effects
         .iter()
         .zip(events)
         .zip(acks)
-        .filter_map(|((effect, event), ack)| {
-            let Effect::Task {
-                handler,
-                version,
-                priority,
-                lane,
-                timeout_ms,
-                max_attempts,
-                ..
-            } = effect
-            else {
-                return None;
-            };
-            let mut task = Task::new(
-                handler,
-                *version,
-                ack.sequence,
-                partitions,
-                *priority,
-                event,
-            )
-            .with_ordering_key(lane.clone(), partitions);
-            task.timeout_ms = *timeout_ms;
-            task.max_attempts = *max_attempts;
-            let publish = PublishMessage::build()
-                .payload(task.to_json_bytes())
-                .message_id(task.msg_id());
-            Some((task.subject(), publish))
-        })
+        .filter_map(|((effect, event), ack)| task_message(shared, effect, event, ack.sequence))
         .collect();
     publish_all_confirmed(js, tasks).await;
+}
+
+/// The `TASKS` message of a step's [`Effect::Task`], whose event `event` is stored at `seq`
+/// (`None` for an [`Effect::Event`]).
+pub(crate) fn task_message(
+    shared: &Shared,
+    effect: &Effect,
+    event: EventEnvelope,
+    seq: u64,
+) -> Option<(String, PublishMessage)> {
+    let Effect::Task {
+        handler,
+        version,
+        priority,
+        lane,
+        timeout_ms,
+        max_attempts,
+        ..
+    } = effect
+    else {
+        return None;
+    };
+    let partitions = shared.settings.partitions;
+    let mut task = Task::new(handler, *version, seq, partitions, *priority, event)
+        .with_ordering_key(lane.clone(), partitions);
+    task.timeout_ms = *timeout_ms;
+    task.max_attempts = *max_attempts;
+    let publish = PublishMessage::build()
+        .payload(task.to_json_bytes())
+        .message_id(task.msg_id());
+    Some((task.subject(), publish))
 }
 
 /// An event routed to one instance.
 pub(crate) struct Directed {
     pub partition: u16,
     pub instance: String,
-    routed: Routed,
+    pub(crate) routed: Routed,
 }
 
 /// What an event means for instances it names (a trigger, a step outcome, a timer, a child's

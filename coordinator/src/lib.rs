@@ -24,6 +24,7 @@ pub mod machine;
 pub mod projection;
 pub mod reader;
 pub mod registry;
+pub mod restore;
 pub mod simulate;
 
 use std::collections::HashMap;
@@ -91,52 +92,19 @@ impl Coordinator {
     /// Loads handlers and workflows (refusing invalid files), then runs owned partitions and,
     /// when it holds that lease, the projector, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let js = &self.nats.js;
-        let replicas = self.settings.streams.replicas;
-        nats::ensure_streams(js, &self.settings.streams).await?;
-        let files = load_handlers(&self.settings.handlers_dir).with_context(|| {
-            format!(
-                "loading handlers from {}",
-                self.settings.handlers_dir.display()
-            )
-        })?;
-        // Steps call the version the handler registry routes new events to (files are
-        // registered first, as every component does; changes are followed below).
-        let handler_registry =
-            grizzly_shared::registry::HandlerRegistry::open(js, self.settings.streams.replicas)
-                .await?;
-        handler_registry
-            .register_all(&files)
-            .await
-            .context("registering handler files")?;
-        let snapshot = handler_registry.snapshot().await?;
-        let handlers = routed_handlers(&snapshot, &self.settings.handlers_dir);
-        let workflows =
-            dsl::load_dir(&self.settings.workflows_dir, &handlers).with_context(|| {
-                format!(
-                    "loading workflows from {}",
-                    self.settings.workflows_dir.display()
-                )
-            })?;
-        let leases =
-            nats::ensure_lease_bucket(js, self.settings.worker.lease_ttl, replicas).await?;
-        let pinned = registry::ensure_bucket(js, replicas).await?;
-        let checkpoints = engine::ensure_instances_bucket(js, replicas).await?;
-        let cursors = reader::ensure_cursors_bucket(js, replicas).await?;
-        projection::ensure_bucket(js, replicas).await?;
+        let (shared, handler_registry, snapshot) = open(&self.nats, &self.settings).await?;
+        let leases = nats::ensure_lease_bucket(
+            &self.nats.js,
+            self.settings.worker.lease_ttl,
+            self.settings.streams.replicas,
+        )
+        .await?;
+        projection::ensure_bucket(&self.nats.js, self.settings.streams.replicas).await?;
         info!(
             coordinator = %self.id,
-            workflows = workflows.len(),
-            handlers = handlers.len(),
+            workflows = shared.registry.latest().count(),
             "coordinator started"
         );
-        let shared = Arc::new(Shared {
-            nats: self.nats.clone(),
-            settings: self.settings.clone(),
-            registry: Registry::new(workflows, Catalog::from_handlers(&handlers), pinned),
-            checkpoints,
-            cursors,
-        });
         let reader = reader::Reader::spawn(shared.clone(), shutdown.clone());
         let (registry_tx, mut registry_rx) = tokio::sync::watch::channel(snapshot);
         tokio::spawn(grizzly_shared::registry::follow(
@@ -294,6 +262,47 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// What the partitions share, made from the handler files and the handler registry (files
+/// registered first, as every component does), the workflow files and the coordinator's KV
+/// buckets; also the handler registry and its snapshot, for following its changes.
+pub async fn open(
+    nats: &Nats,
+    settings: &Settings,
+) -> anyhow::Result<(
+    Arc<Shared>,
+    grizzly_shared::registry::HandlerRegistry,
+    grizzly_shared::registry::RegistrySnapshot,
+)> {
+    let js = &nats.js;
+    let replicas = settings.streams.replicas;
+    nats::ensure_streams(js, &settings.streams).await?;
+    let files = load_handlers(&settings.handlers_dir)
+        .with_context(|| format!("loading handlers from {}", settings.handlers_dir.display()))?;
+    // Steps call the version the handler registry routes new events to.
+    let handler_registry = grizzly_shared::registry::HandlerRegistry::open(js, replicas).await?;
+    handler_registry
+        .register_all(&files)
+        .await
+        .context("registering handler files")?;
+    let snapshot = handler_registry.snapshot().await?;
+    let handlers = routed_handlers(&snapshot, &settings.handlers_dir);
+    let workflows = dsl::load_dir(&settings.workflows_dir, &handlers).with_context(|| {
+        format!(
+            "loading workflows from {}",
+            settings.workflows_dir.display()
+        )
+    })?;
+    let pinned = registry::ensure_bucket(js, replicas).await?;
+    let shared = Arc::new(Shared {
+        nats: nats.clone(),
+        settings: settings.clone(),
+        registry: Registry::new(workflows, Catalog::from_handlers(&handlers), pinned),
+        checkpoints: engine::ensure_instances_bucket(js, replicas).await?,
+        cursors: reader::ensure_cursors_bucket(js, replicas).await?,
+    });
+    Ok((shared, handler_registry, snapshot))
 }
 
 /// The version of each handler that new events (and new steps) go to; a version that does not

@@ -13,7 +13,8 @@ failover runbook of docs/multi-region.md is played:
  2. region A dies; region B is promoted the way Grizzly's ensure_streams does it (an update
     to Grizzly's stream config turns each mirror into a writable stream), and `grizzly cursors
     set --time` starts every listener and coordinator partition at the first event after the
-    failover point; a re-sent event within the duplicate window is still dropped;
+    failover point; a re-sent event within the duplicate window is still dropped; `grizzly
+    workflow restore` rebuilds the coordinators' state from the whole log and starts them after it;
  3. region A comes back and, per the failback steps, re-creates EVENTS from
     streams/use1/EVENTS.json, catching up with what region B wrote meanwhile; on the switch
     back `grizzly cursors set --seq` starts region A exactly at the first event B wrote.
@@ -173,22 +174,24 @@ def grizzly_bin() -> Path | None:
 
 
 def grizzly(region: "Region", *args: str, partitions: int = 8) -> subprocess.CompletedProcess:
-    """The `grizzly` CLI against one region (the deployment's 8 partitions, R1 buckets here)."""
+    """The `grizzly` CLI against one region (the deployment's 8 partitions, R1 buckets here, the
+    repository's handlers and workflows)."""
     binary = grizzly_bin()
     if binary is None:
         raise RuntimeError("no grizzly build (cargo build --workspace --bins) for `grizzly cursors`")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIZZLY_")}
     env |= {"GRIZZLY_NATS_URL": f"nats://127.0.0.1:{region.port}", "GRIZZLY_STREAMS__REPLICAS": "1",
-            "GRIZZLY_LOG": "warn", "GRIZZLY_PARTITIONS": str(partitions)}
-    return subprocess.run([str(binary), "cursors", *args], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=region.dir)
+            "GRIZZLY_LOG": "warn", "GRIZZLY_PARTITIONS": str(partitions),
+            "GRIZZLY_HANDLERS_DIR": str(ROOT / "handlers"), "GRIZZLY_WORKFLOWS_DIR": str(ROOT / "workflows")}
+    return subprocess.run([str(binary), *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=region.dir)
 
 
 def cursors_at(region: "Region", seq: int, what: str) -> None:
     """`grizzly cursors set` + `show`: every partition of both components starts at `seq`."""
     at = ["--seq", str(seq)] if what == "seq" else ["--time", what]
-    done = grizzly(region, "set", *at)
-    shown = grizzly(region, "show", "--json")
+    done = grizzly(region, "cursors", "set", *at)
+    shown = grizzly(region, "cursors", "show", "--json")
     try:
         parts = json.loads(shown.stdout)["partitions"]
         ok = done.returncode == 0 and len(parts) == 8 and all(
@@ -197,8 +200,8 @@ def cursors_at(region: "Region", seq: int, what: str) -> None:
         ok = False
     result(ok, f"{region.name}: `grizzly cursors set {' '.join(at)}` starts every listener and "
                f"coordinator partition at sequence {seq}", done.stdout + done.stderr + shown.stdout[:300])
-    fewer = grizzly(region, "set", "--seq", "1", partitions=4)
-    result(fewer.returncode == 1 and "has a cursor for partition 4" in fewer.stderr,
+    fewer = grizzly(region, "cursors", "set", "--seq", "1", partitions=4)
+    result(fewer.returncode == 1 and "has a cursor for partition 7" in fewer.stderr,
            f"{region.name}: a partition count below the deployment's is refused", fewer.stderr)
 
 
@@ -295,6 +298,18 @@ async def scenario(work: Path) -> None:
                    f"region B: {name} promoted, history kept, by {how}", json.dumps(r)[:300])
         ack = await nb.jetstream().publish("events.agent.a1.ping", b"{}", headers={"Nats-Msg-Id": "a-21"})
         result(ack.duplicate is True, "an event re-sent within the duplicate window is dropped after promotion")
+        # Runbook step 4: the coordinators' state is rebuilt from the whole log and they start
+        # after it; the listeners stay at the failover point.
+        restored = grizzly(b, "workflow", "restore")
+        shown = grizzly(b, "cursors", "show", "--json")
+        try:
+            parts = json.loads(shown.stdout)["partitions"]
+            ok = restored.returncode == 0 and "replayed events 1–25" in restored.stdout and all(
+                p["coordinator"]["cursor"] == 26 and p["listener"]["cursor"] == 21 for p in parts)
+        except (ValueError, KeyError):
+            ok = False
+        result(ok, "region B: `grizzly workflow restore` replays the log into the coordinators' state "
+                   "and starts them after it", restored.stdout + restored.stderr + shown.stdout[:300])
         await publish(nb, 3, 100, "b")
         n = await wait_count(nb, "EVENTS", 28, 5)
         result(n == 28, "region B accepts new events once promoted", f"has {n}")

@@ -328,6 +328,26 @@ pub async fn cursors_in(
         .collect())
 }
 
+/// Refuses a `partitions` setting below the deployment's: one of `buckets` (cursor buckets)
+/// has a cursor for a partition at or beyond it. A tool run with too few partitions would
+/// leave the partitions beyond them as they were and write tasks where no worker reads.
+pub async fn check_partitions(
+    js: &jetstream::Context,
+    buckets: &[&str],
+    partitions: u16,
+) -> Result<(), String> {
+    for bucket in buckets {
+        let existing = cursors_in(js, bucket).await.map_err(|e| e.to_string())?;
+        // The highest: it tells the deployment's count.
+        if let Some(p) = existing.keys().next_back().filter(|p| **p >= partitions) {
+            return Err(format!(
+                "{bucket} has a cursor for partition {p}, but `partitions` is {partitions}: set it to the deployment's (GRIZZLY_PARTITIONS)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The entries of `bucket` whose key starts with `prefix` (key → value); empty when the bucket
 /// does not exist. One read per key: for the small buckets of leases and cursors.
 pub async fn entries(

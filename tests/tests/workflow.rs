@@ -1156,3 +1156,174 @@ async fn cursors_set_starts_routing_and_workflows_at_the_chosen_point() -> anyho
     running.await??;
     Ok(())
 }
+
+/// A deployment that kept the log but lost the coordinators' KV state and `TASKS` (a region
+/// promoted after a failover, docs/multi-region.md): `grizzly workflow restore` rebuilds the
+/// checkpoints from the log, so the instances that were running finish — one waiting on an
+/// event, one on a timer, one whose step's task was lost, and one whose step event had not
+/// reached the log either (the mirror's lag) — and the finished one does not run again.
+#[tokio::test]
+async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_finish()
+-> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let log = step_handler(&env, "step", "");
+    write_workflow(
+        &env,
+        "one.yaml",
+        "name: one\ndo:\n  - id: a\n    call: step\n",
+    );
+    write_workflow(
+        &env,
+        "gate.yaml",
+        "name: gate\ndo:\n  - id: a\n    call: step\n  - id: hold\n    wait: { event: events.gate.*.open, correlate: { aggregate: \"${ input.key }\" } }\n  - id: after\n    call: step\n",
+    );
+    write_workflow(
+        &env,
+        "nap.yaml",
+        "name: nap\ndo:\n  - id: nap\n    sleep: 3s\n  - id: woke\n    call: step\n",
+    );
+    let restore = || {
+        let mut cmd = env.grizzly();
+        cmd.args(["workflow", "restore"])
+            .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
+            .env("GRIZZLY_STREAMS__DUPLICATE_WINDOW", "1s");
+        cmd
+    };
+    let worker = env.start_worker().await?;
+    let coordinator = env.start_coordinator().await?;
+    let mut w = env.watch().await?;
+    start(&env, "one", "done", json!({})).await?;
+    start(&env, "gate", "held", json!({"key": "k1"})).await?;
+    start(&env, "nap", "napping", json!({})).await?;
+    wait_end(&mut w, "done").await?;
+    w.wait_until(DEADLINE, |s| {
+        started(s, "held", "hold") && started(s, "napping", "nap")
+    })
+    .await?;
+    // With the worker stopped, the steps started now stay in flight.
+    worker.shutdown().await?;
+    start(&env, "one", "inflight", json!({})).await?;
+    start(&env, "one", "lost", json!({})).await?;
+    w.wait_until(DEADLINE, |s| {
+        started(s, "inflight", "a") && started(s, "lost", "a")
+    })
+    .await?;
+
+    let out = restore().output().await?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("a coordinator is running"),
+        "{}",
+        text(&out)
+    );
+    coordinator.shutdown().await?;
+    let out = restore().output().await?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("holds checkpoints"), "{}", text(&out));
+
+    // The failover: the log survives but for `lost`'s step event; KV state and tasks do not.
+    // The promoted region's log has never seen that event's id, nor its tasks' ids: the
+    // duplicate window shrinks until the broker forgets the ids it holds (a canary published
+    // before the deletion is accepted again), and `TASKS` is made anew.
+    let js = &env.nats.js;
+    let canary = |n: u32| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "restore-canary");
+        js.publish_with_headers(
+            "events.test.canary.ping",
+            headers,
+            json!({ "n": n }).to_string().into(),
+        )
+    };
+    assert!(!canary(0).await?.await?.duplicate);
+    let lost_step = of(&w.seen, "lost", "step_started")[0].seq;
+    js.get_stream("EVENTS")
+        .await?
+        .delete_message(lost_step)
+        .await?;
+    let mut short = env.settings.streams.clone();
+    short.duplicate_window = Duration::from_secs(1);
+    grizzly_shared::nats::ensure_streams(js, &short).await?;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let mut n = 1;
+    while canary(n).await?.await?.duplicate {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "the broker never forgot the ids"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    js.delete_stream("TASKS").await?;
+    for bucket in [
+        grizzly_coordinator::engine::INSTANCES_BUCKET,
+        grizzly_coordinator::reader::CURSORS_BUCKET,
+        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
+    ] {
+        js.delete_key_value(bucket).await?;
+    }
+
+    let out = restore().output().await?;
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(
+            "5 checkpoints written, 4 of them unfinished; 1 events the log lacked published"
+        ),
+        "{said}"
+    );
+    for (out, code, expected) in [
+        (restore().output().await?, 1, "holds checkpoints"),
+        (
+            restore().env("GRIZZLY_PARTITIONS", "2").output().await?,
+            1,
+            "has a cursor for partition 3, but `partitions` is 2",
+        ),
+        (
+            restore().arg("--from").output().await?,
+            2,
+            "unexpected argument '--from'",
+        ),
+    ] {
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        assert!(text(&out).contains(expected), "{}", text(&out));
+    }
+
+    let _worker = env.start_worker().await?;
+    let _coordinator = env.start_coordinator().await?;
+    emit(&env, "events.gate.k1.open", json!({})).await?;
+    for instance in ["held", "napping", "inflight", "lost"] {
+        let end = wait_end(&mut w, instance).await?;
+        assert_eq!(
+            end.event_type(),
+            "completed",
+            "{instance}: {:?}",
+            end.data()
+        );
+    }
+    let calls = calls(&log);
+    for (instance, step) in [
+        ("done", "a"),
+        ("held", "a"),
+        ("held", "after"),
+        ("napping", "woke"),
+        ("inflight", "a"),
+        ("lost", "a"),
+    ] {
+        assert_eq!(
+            calls.get(&(instance.to_string(), step.to_string())),
+            Some(&1),
+            "{instance}.{step}: {calls:?}"
+        );
+    }
+    assert_eq!(calls.len(), 6, "{calls:?}");
+    for instance in ["done", "held", "napping", "inflight", "lost"] {
+        assert_eq!(
+            of(&w.seen, instance, "created").len(),
+            1,
+            "{instance} was started again"
+        );
+    }
+    assert_eq!(of(&w.seen, "done", "completed").len(), 1);
+    Ok(())
+}
