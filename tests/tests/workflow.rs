@@ -1182,6 +1182,11 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
         "nap.yaml",
         "name: nap\ndo:\n  - id: nap\n    sleep: 3s\n  - id: woke\n    call: step\n",
     );
+    write_workflow(
+        &env,
+        "parent.yaml",
+        "name: parent\ndo:\n  - id: sub\n    run: gate\n    with: { key: k2 }\n  - id: last\n    call: step\n",
+    );
     let restore = || {
         let mut cmd = env.grizzly();
         cmd.args(["workflow", "restore"])
@@ -1195,9 +1200,16 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     start(&env, "one", "done", json!({})).await?;
     start(&env, "gate", "held", json!({"key": "k1"})).await?;
     start(&env, "nap", "napping", json!({})).await?;
+    start(&env, "parent", "parent1", json!({})).await?;
     wait_end(&mut w, "done").await?;
     w.wait_until(DEADLINE, |s| {
-        started(s, "held", "hold") && started(s, "napping", "nap")
+        started(s, "held", "hold")
+            && started(s, "napping", "nap")
+            && s.iter().any(|e| {
+                e.event_type() == "step_started"
+                    && step_key(e) == "hold"
+                    && e.data()["wait"]["aggregate"] == "k2"
+            })
     })
     .await?;
     // With the worker stopped, the steps started now stay in flight.
@@ -1220,6 +1232,12 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     let out = restore().output().await?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("holds checkpoints"), "{}", text(&out));
+    // A newer version of `one` arrives: the instances that started on version 1 stay on it.
+    write_workflow(
+        &env,
+        "one_v2.yaml",
+        "name: one\nversion: 2\ndo:\n  - id: b\n    call: step\n",
+    );
 
     // The failover: the log survives but for `lost`'s step event; KV state and tasks do not.
     // The promoted region's log has never seen that event's id, nor its tasks' ids: the
@@ -1268,7 +1286,7 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     let said = text(&out);
     assert!(
         said.contains(
-            "5 checkpoints written, 4 of them unfinished; 1 events the log lacked published"
+            "7 checkpoints written, 6 of them unfinished; 1 events the log lacked published"
         ),
         "{said}"
     );
@@ -1292,7 +1310,8 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     let _worker = env.start_worker().await?;
     let _coordinator = env.start_coordinator().await?;
     emit(&env, "events.gate.k1.open", json!({})).await?;
-    for instance in ["held", "napping", "inflight", "lost"] {
+    emit(&env, "events.gate.k2.open", json!({})).await?;
+    for instance in ["held", "napping", "inflight", "lost", "parent1"] {
         let end = wait_end(&mut w, instance).await?;
         assert_eq!(
             end.event_type(),
@@ -1309,6 +1328,7 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
         ("napping", "woke"),
         ("inflight", "a"),
         ("lost", "a"),
+        ("parent1", "last"),
     ] {
         assert_eq!(
             calls.get(&(instance.to_string(), step.to_string())),
@@ -1316,8 +1336,10 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
             "{instance}.{step}: {calls:?}"
         );
     }
-    assert_eq!(calls.len(), 6, "{calls:?}");
-    for instance in ["done", "held", "napping", "inflight", "lost"] {
+    // … and the child's two steps, once each.
+    assert_eq!(calls.len(), 9, "{calls:?}");
+    assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+    for instance in ["done", "held", "napping", "inflight", "lost", "parent1"] {
         assert_eq!(
             of(&w.seen, instance, "created").len(),
             1,
