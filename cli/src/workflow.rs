@@ -417,8 +417,12 @@ async fn restore(settings: &Settings) -> anyhow::Result<ExitCode> {
         None => println!("the log is empty: nothing to replay"),
     }
     println!(
-        "{} checkpoints written, {} of them unfinished; {} events the log lacked published; {} tasks of steps in flight written",
-        done.instances, done.unfinished, done.published, done.tasks
+        "{} checkpoints written ({} unfinished)",
+        done.instances, done.unfinished
+    );
+    println!(
+        "published {} workflow event(s) the log lacked; wrote {} task(s) of steps in flight",
+        done.published, done.tasks
     );
     for skipped in &done.skipped {
         println!("not restored: {skipped}");

@@ -1285,9 +1285,8 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
     assert!(
-        said.contains(
-            "7 checkpoints written, 6 of them unfinished; 1 events the log lacked published"
-        ),
+        said.contains("7 checkpoints written (6 unfinished)")
+            && said.contains("published 1 workflow event(s) the log lacked"),
         "{said}"
     );
     for (out, code, expected) in [
