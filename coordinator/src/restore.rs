@@ -16,7 +16,8 @@
 //! 2. writes again the tasks of steps still in flight (`TASKS` is not replicated), with their
 //!    step events' sequences, so their handlers run (once more, if the lost deployment had
 //!    already started them: at least once, as after any crash);
-//! 3. writes every instance's checkpoint (`last_seq` = the last event it applied);
+//! 3. writes the checkpoints of the instances still running (`last_seq` = the last event each
+//!    applied; those that ended were written as they ended, so memory holds the running ones);
 //! 4. starts every coordinator partition after the last event replayed.
 //!
 //! The coordinators started afterwards fire the timers due and apply what the log receives
@@ -106,8 +107,11 @@ pub async fn restore(nats: &Nats, settings: &Settings) -> anyhow::Result<Restore
         versions: started_versions(js, state.last_sequence).await?,
         instances: BTreeMap::new(),
         waiting: HashSet::new(),
-        missing: Vec::new(),
+        finished: HashSet::new(),
+        ended: Vec::new(),
+        missing: BTreeMap::new(),
         index: HashMap::new(),
+        produced: 0,
         found_tasks: HashMap::new(),
         applied: 0,
         skipped: Vec::new(),
@@ -133,8 +137,7 @@ pub async fn restore(nats: &Nats, settings: &Settings) -> anyhow::Result<Restore
     };
     let missing: Vec<Effect> = replay
         .missing
-        .iter()
-        .flatten()
+        .values()
         .map(|effect| match effect {
             Effect::Task { event, .. } if !in_flight(effect) => Effect::Event {
                 event: event.clone(),
@@ -158,17 +161,9 @@ pub async fn restore(nats: &Nats, settings: &Settings) -> anyhow::Result<Restore
     nats::publish_all_confirmed(js, tasks).await;
 
     // 3–4: the checkpoints, then where the coordinators start.
-    for (id, mut st) in replay.instances {
-        st.outbox.clear();
-        done.unfinished += usize::from(!st.status.is_terminal());
-        let bytes = serde_json::to_vec(&st).expect("state serializes");
-        shared
-            .checkpoints
-            .put(&id, bytes.into())
-            .await
-            .with_context(|| format!("writing the checkpoint of {id}"))?;
-        done.instances += 1;
-    }
+    done.unfinished = replay.instances.len();
+    done.instances = replay.finished.len() + done.unfinished;
+    write_checkpoints(&shared, replay.instances.into_values()).await?;
     for p in 0..settings.partitions {
         shared
             .cursors
@@ -206,10 +201,15 @@ struct Replay {
     instances: BTreeMap<String, InstanceState>,
     /// Instances waiting on an event (matched against every event, like a partition's).
     waiting: HashSet<String>,
-    /// Effects produced and not found in the log (yet), in the order produced; `index` finds
+    /// Instances that ended: their checkpoints are written soon (`ended`, in groups) and only
+    /// their ids kept, so memory holds the instances running at once, not the whole log's.
+    finished: HashSet<String>,
+    ended: Vec<InstanceState>,
+    /// Effects produced and not found in the log (yet), by the order produced; `index` finds
     /// them by event id.
-    missing: Vec<Option<Effect>>,
-    index: HashMap<String, usize>,
+    missing: BTreeMap<u64, Effect>,
+    index: HashMap<String, u64>,
+    produced: u64,
     /// Step events found in the log, with their sequences, until their outcomes are.
     found_tasks: HashMap<String, (Effect, u64)>,
     applied: u64,
@@ -255,10 +255,10 @@ impl Replay {
                 .filter_map(|id| Some((id.as_str(), self.instances.get(id)?)));
             routed.extend(awaited(stored.subject, &event, waiting));
             for (instance, routed) in routed {
-                self.apply(&instance, routed, &event, seq, now_ms).await;
+                self.apply(&instance, routed, &event, seq, now_ms).await?;
             }
         }
-        Ok(())
+        write_checkpoints(&self.shared, self.ended.drain(..)).await
     }
 
     /// A message with this id is in the log at `seq`: no longer missing.
@@ -266,7 +266,7 @@ impl Replay {
         let Some(i) = self.index.remove(id) else {
             return;
         };
-        if let Some(effect @ Effect::Task { .. }) = self.missing[i].take() {
+        if let Some(effect @ Effect::Task { .. }) = self.missing.remove(&i) {
             self.found_tasks.insert(id.to_string(), (effect, seq));
         }
     }
@@ -278,7 +278,11 @@ impl Replay {
         event: &EventEnvelope,
         seq: u64,
         now_ms: u64,
-    ) {
+    ) -> anyhow::Result<()> {
+        // An ended instance changes no more, and a repeated trigger does not start it again.
+        if self.finished.contains(instance) {
+            return Ok(());
+        }
         if let Routed::Start {
             workflow, version, ..
         } = &mut routed
@@ -286,7 +290,7 @@ impl Replay {
         {
             if let Err(e) = self.shared.registry.get(workflow, *started).await {
                 self.skipped.push(format!("{instance}: {e}"));
-                return;
+                return Ok(());
             }
             *version = Some(*started);
         }
@@ -305,7 +309,7 @@ impl Replay {
         )
         .await
         {
-            Applied::Unchanged => return,
+            Applied::Unchanged => return Ok(()),
             Applied::Rejected(effect) => vec![*effect],
             Applied::Changed(mut state) => {
                 let effects = std::mem::take(&mut state.outbox);
@@ -314,17 +318,53 @@ impl Replay {
                 } else {
                     self.waiting.insert(instance.to_string());
                 }
-                self.instances.insert(instance.to_string(), *state);
+                if state.status.is_terminal() {
+                    self.instances.remove(instance);
+                    self.finished.insert(instance.to_string());
+                    self.ended.push(*state);
+                    if self.ended.len() >= WRITE_GROUP {
+                        write_checkpoints(&self.shared, self.ended.drain(..)).await?;
+                    }
+                } else {
+                    self.instances.insert(instance.to_string(), *state);
+                }
                 effects
             }
         };
         self.applied += 1;
         for effect in effects {
-            self.index
-                .insert(effect.event().id.clone(), self.missing.len());
-            self.missing.push(Some(effect));
+            self.produced += 1;
+            self.index.insert(effect.event().id.clone(), self.produced);
+            self.missing.insert(self.produced, effect);
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints written at once by [`write_checkpoints`].
+const WRITE_GROUP: usize = 256;
+
+/// Writes instances' checkpoints, [`WRITE_GROUP`] at a time (their outboxes are empty: the
+/// effects were taken out of them).
+async fn write_checkpoints(
+    shared: &Shared,
+    states: impl Iterator<Item = InstanceState>,
+) -> anyhow::Result<()> {
+    let states: Vec<InstanceState> = states.collect();
+    for group in states.chunks(WRITE_GROUP) {
+        let writes = group.iter().map(|st| async move {
+            let bytes = serde_json::to_vec(st).expect("state serializes");
+            shared
+                .checkpoints
+                .put(&st.id, bytes.into())
+                .await
+                .with_context(|| format!("writing the checkpoint of {}", st.id))
+        });
+        for written in futures::future::join_all(writes).await {
+            written?;
         }
     }
+    Ok(())
 }
 
 /// An ordered reader of the log from its start to sequence `last` (`filter` empty: every
