@@ -450,6 +450,18 @@ impl ChildProcess {
         self.child.id()
     }
 
+    /// SIGTERM, then waits for the process to drain and exit (SIGKILL after 20 s).
+    pub async fn terminate(mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

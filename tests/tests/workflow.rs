@@ -153,6 +153,43 @@ fn calls(log: &Path) -> HashMap<(String, String), usize> {
     out
 }
 
+/// Rebuilds every checkpoint from the log (`grizzly workflow restore`, with the components
+/// stopped and the coordinator's KV state deleted) and checks that the replay reproduced what
+/// the coordinator wrote: every effect it produced is found in the log (none to publish), no
+/// task to write again, no instance left running. A test that ran every instance to its end
+/// thus checks that the interpreter is deterministic over its inputs in log order.
+async fn assert_restore_reproduces(
+    env: &TestEnv,
+    components: Vec<grizzly_tests::Component>,
+    instances: usize,
+) -> anyhow::Result<()> {
+    for component in components {
+        component.shutdown().await?;
+    }
+    for bucket in [
+        grizzly_coordinator::engine::INSTANCES_BUCKET,
+        grizzly_coordinator::reader::CURSORS_BUCKET,
+        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
+    ] {
+        env.nats.js.delete_key_value(bucket).await?;
+    }
+    let out = env
+        .grizzly()
+        .args(["workflow", "restore"])
+        .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
+        .output()
+        .await?;
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("{instances} checkpoints written (0 unfinished)"))
+            && said.contains("published 0 workflow event(s) the log lacked; wrote 0 task(s)")
+            && !said.contains("not restored"),
+        "the replay differs from what the coordinator wrote: {said}"
+    );
+    Ok(())
+}
+
 fn assert_once(log: &Path) {
     let calls = calls(log);
     let twice: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
@@ -173,8 +210,8 @@ fn assert_unique_steps(seen: &[LoggedEvent]) {
 async fn the_example_workflows_run_end_to_end() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let log = install_examples(&env);
-    let _worker = env.start_worker().await?;
-    let _coordinator = env.start_coordinator().await?;
+    let worker = env.start_worker().await?;
+    let coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
 
     // Code review: parallel reviewers, a clean verdict, then the approval gate.
@@ -294,7 +331,8 @@ async fn the_example_workflows_run_end_to_end() -> anyhow::Result<()> {
 
     assert_once(&log);
     assert_unique_steps(&w.seen);
-    Ok(())
+    // Code review, provision, batch, invoice reminder.
+    assert_restore_reproduces(&env, vec![coordinator, worker], 4).await
 }
 
 const CONSTRUCTS: &str = r#"
@@ -381,8 +419,8 @@ async fn each_construct_runs_as_specified() -> anyhow::Result<()> {
         "timeouts.yaml",
         "name: timeouts\ndo:\n  - id: slow\n    call: step\n    with: { sleep_ms: 5000 }\n    timeout: 300ms\n    retry: { max_attempts: 1 }\n",
     );
-    let _worker = env.start_worker().await?;
-    let _coordinator = env.start_coordinator().await?;
+    let worker = env.start_worker().await?;
+    let coordinator = env.start_coordinator().await?;
     let mut w = env.watch().await?;
     start(&env, "constructs", "c-1", json!({"n": 2})).await?;
     start(&env, "timeouts", "t-1", json!({})).await?;
@@ -447,8 +485,8 @@ async fn each_construct_runs_as_specified() -> anyhow::Result<()> {
         .count();
     assert_eq!(attempts, 1);
     assert_once(&log);
-    assert_unique_steps(&w.seen);
-    Ok(())
+    // c-1, its sub-workflow, t-1.
+    assert_restore_reproduces(&env, vec![coordinator, worker], 3).await
 }
 
 async fn grizzly(env: &TestEnv, args: &[&str]) -> std::process::Output {
@@ -681,7 +719,7 @@ async fn a_killed_coordinator_resumes_every_instance_without_rerunning_a_step() 
             "name: in_saga\ndo:\n  - id: s1\n    call: step\n    compensate: {{ call: step, with: {{ undo: s1 }} }}\n  - id: s2\n    call: step\n    compensate: {{ call: step, with: {{ undo: s2, gate: \"{g}\" }} }}\n  - id: s3\n    call: step\n    with: {{ fail: true }}\n    retry: {{ max_attempts: 1 }}\n"
         ),
     );
-    let _worker = env.start_worker().await?;
+    let worker = env.start_worker().await?;
     let mut coordinator = ChildProcess::start("grizzly-coordinator", &env.settings, &[])?;
     let mut w = env.watch().await?;
     for (wf, id) in [
@@ -722,7 +760,7 @@ async fn a_killed_coordinator_resumes_every_instance_without_rerunning_a_step() 
             >= 5
     })
     .await?;
-    let _restarted = ChildProcess::start("grizzly-coordinator", &env.settings, &[])?;
+    let restarted = ChildProcess::start("grizzly-coordinator", &env.settings, &[])?;
     for id in ["k-step", "k-join", "k-wait", "k-timer"] {
         let end = wait_end(&mut w, id).await?;
         assert_eq!(end.event_type(), "completed", "{id}: {}", end.data());
@@ -738,7 +776,9 @@ async fn a_killed_coordinator_resumes_every_instance_without_rerunning_a_step() 
     assert!(started(&w.seen, "k-timer", "woke"));
     assert_once(&log);
     assert_unique_steps(&w.seen);
-    Ok(())
+    // The log a crash left behind (outboxes re-sent by the successor) replays the same way.
+    restarted.terminate().await;
+    assert_restore_reproduces(&env, vec![worker], 5).await
 }
 
 #[tokio::test]
