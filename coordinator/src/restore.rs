@@ -21,8 +21,9 @@
 //! 4. starts every coordinator partition after the last event replayed.
 //!
 //! The coordinators started afterwards fire the timers due and apply what the log receives
-//! from then on. It refuses while a coordinator runs (it would apply the log meanwhile) and
-//! while checkpoints exist (the restore rebuilds lost state, it does not merge with some).
+//! from then on. It refuses while a coordinator runs (it would apply the log meanwhile), while
+//! checkpoints exist (the restore rebuilds lost state, it does not merge with some) and with
+//! fewer partitions than a cursor bucket shows (tasks would go where no worker reads).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
