@@ -43,6 +43,10 @@
 //!   comes after the events it reports as emitted;
 //! - the workflow read model (`grizzly_wf_view`) caught up by itself and every instance's entry
 //!   equals the log's workflow events applied in log order;
+//! - the log replays to what the coordinators wrote: `grizzly workflow restore`, with their KV
+//!   state deleted, finds every effect it produces in the log, no task to write again and no
+//!   instance left running (the interpreter decides on its inputs in log order alone, also
+//!   across the fault);
 //! - the system finished every event and instance by itself, within a deadline.
 //!
 //! Network partitions are not simulated.
@@ -1422,6 +1426,9 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
     let rerun_excused = |worker: u32| fault == Fault::KillBroker || !healthy.contains(&worker);
     analyse(row, &published, &logs, &rerun_excused);
     check_view(row, &env, &logs).await?;
+    if settled.is_ok() {
+        check_restore(row, &env).await?;
+    }
     row.recovery = recovery(fault, &injected, &published, &logs, env.settings.partitions);
     if row.recovery.is_none() {
         row.problems
@@ -1463,6 +1470,38 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
         ));
     }
     drop(fake);
+    Ok(())
+}
+
+/// The log the fault left replays to what the coordinators wrote (`grizzly workflow restore`
+/// from it, their KV state deleted): every effect found in the log, no task to write again, no
+/// instance left running. A coordinator that acted on anything but its inputs in log order
+/// (a stale owner's late write, a timer fired twice differently) would show here.
+async fn check_restore(row: &mut Row, env: &TestEnv) -> anyhow::Result<()> {
+    for bucket in [
+        grizzly_coordinator::engine::INSTANCES_BUCKET,
+        grizzly_coordinator::reader::CURSORS_BUCKET,
+        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
+    ] {
+        env.nats.js.delete_key_value(bucket).await?;
+    }
+    let out = env
+        .grizzly()
+        .args(["workflow", "restore"])
+        .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
+        .output()
+        .await?;
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success()
+        || !said.contains(" checkpoints written (0 unfinished)")
+        || !said.contains("published 0 workflow event(s) the log lacked; wrote 0 task(s)")
+    {
+        row.problems.push(format!(
+            "the log does not replay to what the coordinators wrote: {}",
+            said.lines().take(4).collect::<Vec<_>>().join(" / ")
+        ));
+    }
     Ok(())
 }
 
