@@ -1478,6 +1478,12 @@ async fn scenario(fault: Fault, profile: Profile, row: &mut Row) -> anyhow::Resu
 /// instance left running. A coordinator that acted on anything but its inputs in log order
 /// (a stale owner's late write, a timer fired twice differently) would show here.
 async fn check_restore(row: &mut Row, env: &TestEnv) -> anyhow::Result<()> {
+    // A coordinator killed by the fault (or after the stop's deadline) leaves its leases
+    // until they expire; the restore refuses while any is held.
+    let until = Instant::now() + env.settings.worker.lease_ttl * 5;
+    while !env.leases("wf.").await?.is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for bucket in [
         grizzly_coordinator::engine::INSTANCES_BUCKET,
         grizzly_coordinator::reader::CURSORS_BUCKET,
