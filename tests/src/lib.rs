@@ -274,6 +274,30 @@ impl TestEnv {
         Ok(ack.sequence)
     }
 
+    /// `grizzly workflow restore` after deleting the coordinators' KV state (checkpoints,
+    /// cursors, pinned versions), as a region promoted after a failover has none: whether it
+    /// succeeded, and what it said.
+    pub async fn restore_workflows(&self) -> anyhow::Result<(bool, String)> {
+        for bucket in [
+            grizzly_coordinator::engine::INSTANCES_BUCKET,
+            grizzly_coordinator::reader::CURSORS_BUCKET,
+            grizzly_coordinator::registry::WORKFLOWS_BUCKET,
+        ] {
+            self.nats.js.delete_key_value(bucket).await?;
+        }
+        let out = self
+            .grizzly()
+            .args(["workflow", "restore"])
+            .env("GRIZZLY_PARTITIONS", self.settings.partitions.to_string())
+            .output()
+            .await?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
     /// A watcher over `EVENTS` from the beginning.
     pub async fn watch(&self) -> anyhow::Result<EventWatcher> {
         EventWatcher::new(&self.nats.js, EVENTS_STREAM, "events.>").await

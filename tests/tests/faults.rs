@@ -1484,22 +1484,8 @@ async fn check_restore(row: &mut Row, env: &TestEnv) -> anyhow::Result<()> {
     while !env.leases("wf.").await?.is_empty() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for bucket in [
-        grizzly_coordinator::engine::INSTANCES_BUCKET,
-        grizzly_coordinator::reader::CURSORS_BUCKET,
-        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
-    ] {
-        env.nats.js.delete_key_value(bucket).await?;
-    }
-    let out = env
-        .grizzly()
-        .args(["workflow", "restore"])
-        .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
-        .output()
-        .await?;
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if !out.status.success()
+    let (ok, said) = env.restore_workflows().await?;
+    if !ok
         || !said.contains(" checkpoints written (0 unfinished)")
         || !said.contains("published 0 workflow event(s) the log lacked; wrote 0 task(s)")
     {

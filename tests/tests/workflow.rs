@@ -166,21 +166,8 @@ async fn assert_restore_reproduces(
     for component in components {
         component.shutdown().await?;
     }
-    for bucket in [
-        grizzly_coordinator::engine::INSTANCES_BUCKET,
-        grizzly_coordinator::reader::CURSORS_BUCKET,
-        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
-    ] {
-        env.nats.js.delete_key_value(bucket).await?;
-    }
-    let out = env
-        .grizzly()
-        .args(["workflow", "restore"])
-        .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
-        .output()
-        .await?;
-    let said = text(&out);
-    assert!(out.status.success(), "{said}");
+    let (ok, said) = env.restore_workflows().await?;
+    assert!(ok, "{said}");
     assert!(
         said.contains(&format!("{instances} checkpoints written (0 unfinished)"))
             && said.contains("published 0 workflow event(s) the log lacked; wrote 0 task(s)")
