@@ -21,7 +21,7 @@ use futures::StreamExt as _;
 use grizzly_coordinator::reader as wf_reader;
 use grizzly_listener::partitions as routing;
 use grizzly_shared::Settings;
-use grizzly_shared::nats::{self, CURSORS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};
+use grizzly_shared::nats::{self, CURSORS_BUCKET, EVENTS_STREAM};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -241,17 +241,14 @@ async fn first_at_or_after(
         .stream_sequence)
 }
 
-/// Live leases whose key starts with `prefix` (key → holder).
+/// [`nats::lease_holders`], its error as the command's.
 async fn holders(
     js: &jetstream::Context,
     prefix: &str,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    Ok(nats::entries(js, LEASES_BUCKET, prefix)
+    nats::lease_holders(js, prefix)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .into_iter()
-        .map(|(key, holder)| (key, String::from_utf8_lossy(&holder).into_owned()))
-        .collect())
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn purge(bucket: &kv::Store, key: &str) -> anyhow::Result<()> {

@@ -756,6 +756,32 @@ impl PartitionEngine {
     }
 }
 
+/// What the coordinators read of the log: [`filter_subjects`] of every known version's
+/// triggers and waits. It follows the definitions loaded (a pinned older version may wait on
+/// other subjects than the files), worked out again only when a version is pinned: not once
+/// per event.
+pub(crate) struct ReadFilter {
+    pins: usize,
+    subjects: Vec<String>,
+}
+
+impl ReadFilter {
+    pub(crate) fn new() -> Self {
+        Self {
+            pins: usize::MAX,
+            subjects: Vec::new(),
+        }
+    }
+
+    pub(crate) fn current(&mut self, registry: &Registry) -> &[String] {
+        if registry.pinned_count() != self.pins {
+            self.pins = registry.pinned_count();
+            self.subjects = filter_subjects(&registry.subscriptions());
+        }
+        &self.subjects
+    }
+}
+
 /// The inputs `event` is for instances waiting on an event (each a step whose wait it matches).
 pub(crate) fn awaited<'a>(
     subject: &str,

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::engine::{Directed, Shared, directed, filter_subjects};
+use crate::engine::{Directed, ReadFilter, Shared, directed};
 
 /// KV bucket of the partitions' cursors: `cursor.<p>` → the stream sequence from which
 /// partition `p` still has to be applied.
@@ -109,17 +109,11 @@ async fn run(
 ) {
     let mut subscribers: HashMap<u16, Subscriber> = HashMap::new();
     let mut open: Option<Open> = None;
-    // The filter follows the definitions the partitions loaded (a pinned older version may
-    // wait on other subjects than the files), worked out again only when a version is pinned:
-    // not once per event.
-    let (mut pins, mut filter) = (usize::MAX, Vec::new());
+    let mut filters = ReadFilter::new();
     loop {
         subscribers.retain(|_, s| !s.feed.is_closed());
         let need = subscribers.values().map(|s| s.next).min();
-        if shared.registry.pinned_count() != pins {
-            pins = shared.registry.pinned_count();
-            filter = filter_subjects(&shared.registry.subscriptions());
-        }
+        let filter = filters.current(&shared.registry);
         match need {
             None => open = None,
             Some(need)
@@ -127,12 +121,12 @@ async fn run(
                     .as_ref()
                     .is_none_or(|o| need < o.position || o.filter != filter) =>
             {
-                match read(&shared.nats.js, need, filter.clone()).await {
+                match read(&shared.nats.js, need, filter.to_vec()).await {
                     Ok(messages) => {
                         debug!(from = need, ?filter, "workflow reader (re)opened");
                         open = Some(Open {
                             messages,
-                            filter: filter.clone(),
+                            filter: filter.to_vec(),
                             position: need,
                         });
                     }

@@ -36,12 +36,12 @@ use futures::StreamExt as _;
 use grizzly_shared::Settings;
 use grizzly_shared::envelope::{EventEnvelope, StoredMessage};
 use grizzly_shared::headers;
-use grizzly_shared::nats::{self, EVENTS_STREAM, LEASES_BUCKET, Nats, cursor_key};
+use grizzly_shared::nats::{self, EVENTS_STREAM, Nats, cursor_key};
 use grizzly_shared::subject::pattern_matches;
 use serde_json::Value;
 
 use crate::engine::{
-    Applied, INSTANCES_BUCKET, Routed, Shared, apply_routed, awaited, directed, filter_subjects,
+    Applied, INSTANCES_BUCKET, ReadFilter, Routed, Shared, apply_routed, awaited, directed,
     publish, task_message,
 };
 use crate::instance::{AGGREGATE, Effect, Input, InstanceState};
@@ -74,13 +74,12 @@ pub async fn restore(nats: &Nats, settings: &Settings) -> anyhow::Result<Restore
         .await
         .context("no EVENTS stream on this server (check --nats-url)")?;
     // A running coordinator would apply the log (from no cursor: its start) meanwhile.
-    let running = nats::entries(js, LEASES_BUCKET, "wf.")
+    let running = nats::lease_holders(js, "wf.")
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some((key, holder)) = running.into_iter().next() {
         bail!(
-            "a coordinator is running ({key} is held by {}): stop every coordinator first, then restore",
-            String::from_utf8_lossy(&holder)
+            "a coordinator is running ({key} is held by {holder}): stop every coordinator first, then restore"
         );
     }
     // Tasks go to `partition_for(…, partitions)`: the deployment's count, as far as the
@@ -126,7 +125,7 @@ pub async fn restore(nats: &Nats, settings: &Settings) -> anyhow::Result<Restore
         done.replayed = Some((state.first_sequence, state.last_sequence));
     }
     done.applied = replay.applied;
-    done.skipped = replay.skipped.clone();
+    done.skipped = std::mem::take(&mut replay.skipped);
 
     // 1–2: what the log lacks, and the tasks of the steps in flight.
     let in_flight = |effect: &Effect| {
@@ -220,9 +219,8 @@ struct Replay {
 impl Replay {
     async fn run(&mut self, js: &jetstream::Context, last: u64) -> anyhow::Result<()> {
         let mut log = LogReader::open(js, String::new(), last).await?;
-        // The events a partition would be fed: the coordinators' reader filter, which grows
-        // as older versions get pinned.
-        let (mut pins, mut filter) = (usize::MAX, Vec::new());
+        // The events a partition would be fed: the coordinators' reader filter.
+        let mut filters = ReadFilter::new();
         while let Some(msg) = log.next().await? {
             let Ok(stored) = StoredMessage::from_jetstream(&msg) else {
                 continue;
@@ -235,11 +233,11 @@ impl Replay {
             {
                 self.found(&id, seq);
             }
-            if self.shared.registry.pinned_count() != pins {
-                pins = self.shared.registry.pinned_count();
-                filter = filter_subjects(&self.shared.registry.subscriptions());
-            }
-            if !filter.iter().any(|f| pattern_matches(f, stored.subject)) {
+            if !filters
+                .current(&self.shared.registry)
+                .iter()
+                .any(|f| pattern_matches(f, stored.subject))
+            {
                 continue;
             }
             let Ok(event) = EventEnvelope::from_stored(&stored, usize::MAX) else {

@@ -186,8 +186,6 @@ pub async fn ensure_lease_bucket(
     ensure_bucket(js, LEASES_BUCKET, "Grizzly partition leases", ttl, replicas).await
 }
 
-/// A file-stored bucket keeping each key's latest value; entries expire after `max_age` (zero:
-/// never).
 /// A key-value bucket of Grizzly's: one value per key, on disk, `max_age` (zero: no expiry);
 /// created, or brought to this configuration.
 pub async fn ensure_bucket(
@@ -346,6 +344,18 @@ pub async fn check_partitions(
         }
     }
     Ok(())
+}
+
+/// The live leases whose key starts with `prefix`: key → holder.
+pub async fn lease_holders(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, String>, async_nats::Error> {
+    Ok(entries(js, LEASES_BUCKET, prefix)
+        .await?
+        .into_iter()
+        .map(|(key, holder)| (key, String::from_utf8_lossy(&holder).into_owned()))
+        .collect())
 }
 
 /// The entries of `bucket` whose key starts with `prefix` (key → value); empty when the bucket
