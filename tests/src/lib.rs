@@ -274,10 +274,9 @@ impl TestEnv {
         Ok(ack.sequence)
     }
 
-    /// `grizzly workflow restore` after deleting the coordinators' KV state (checkpoints,
-    /// cursors, pinned versions), as a region promoted after a failover has none: whether it
-    /// succeeded, and what it said.
-    pub async fn restore_workflows(&self) -> anyhow::Result<(bool, String)> {
+    /// Deletes the coordinators' KV state (checkpoints, cursors, pinned versions), which a
+    /// region promoted after a failover does not have.
+    pub async fn delete_workflow_state(&self) -> anyhow::Result<()> {
         for bucket in [
             grizzly_coordinator::engine::INSTANCES_BUCKET,
             grizzly_coordinator::reader::CURSORS_BUCKET,
@@ -285,6 +284,13 @@ impl TestEnv {
         ] {
             self.nats.js.delete_key_value(bucket).await?;
         }
+        Ok(())
+    }
+
+    /// `grizzly workflow restore` after [`Self::delete_workflow_state`]: whether it succeeded,
+    /// and what it said.
+    pub async fn restore_workflows(&self) -> anyhow::Result<(bool, String)> {
+        self.delete_workflow_state().await?;
         let out = self
             .grizzly()
             .args(["workflow", "restore"])

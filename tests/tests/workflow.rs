@@ -1300,13 +1300,7 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     js.delete_stream("TASKS").await?;
-    for bucket in [
-        grizzly_coordinator::engine::INSTANCES_BUCKET,
-        grizzly_coordinator::reader::CURSORS_BUCKET,
-        grizzly_coordinator::registry::WORKFLOWS_BUCKET,
-    ] {
-        js.delete_key_value(bucket).await?;
-    }
+    env.delete_workflow_state().await?;
 
     let out = restore().output().await?;
     assert!(out.status.success(), "{}", text(&out));
