@@ -409,6 +409,17 @@ fn bench_all_quick_reports_every_figure_beside_its_target_and_as_json() -> anyho
             .unwrap_or_else(|| panic!("no row for {key} in:\n{stdout}"));
         assert!(row.contains("PASS") || row.contains("MISS"), "{row}");
     }
+    // The one-at-a-time latencies: every round ran, the raw hop and the dispatch alike (50
+    // events of each in the quick run).
+    for mode in report["throughput"]["modes"].as_array().expect("modes") {
+        for key in [
+            "hop_from_publish",
+            "dispatch_from_publish",
+            "dispatch_worker",
+        ] {
+            assert_eq!(mode[key]["events"], 50, "{key}: {mode}");
+        }
+    }
     // The workflows bench runs in it too, reported without a target.
     assert_eq!(
         report["workflows"]["workflow_burst"]["events"], 60,

@@ -312,7 +312,7 @@ impl Bench {
         Ok(self
             .run_batch_with_dispatch(handler, n, in_flight, subject_for, Duration::ZERO, deadline)
             .await?
-            .measured)
+            .measured())
     }
 
     /// [`Bench::run_batch`], plus each event's dispatch latency: event stored (and event handed
@@ -441,7 +441,8 @@ impl Bench {
         }
         let cpu_after = cpu_after.or_else(|| broker_pid.and_then(usage::sample));
         Ok(Batch {
-            measured: Measured::new(latencies, (last - started).as_seconds_f64()),
+            latencies,
+            span_s: (last - started).as_seconds_f64(),
             dispatch,
             dispatch_sent,
             stages,
@@ -452,7 +453,10 @@ impl Bench {
 
 /// What [`Bench::run_batch_with_dispatch`] measured.
 struct Batch {
-    measured: Measured,
+    /// Per event: handed to the client → its outcome stored, ms.
+    latencies: Vec<f64>,
+    /// First publish → last outcome stored, s.
+    span_s: f64,
     /// Per event: stored → the handler process had it, ms.
     dispatch: Vec<f64>,
     /// Per event: handed to the client → the handler process had it, ms.
@@ -462,6 +466,12 @@ struct Batch {
     stages: [Vec<f64>; 2],
     /// CPU per event from the first publish until every outcome was stored.
     cpu: Option<CpuPerEvent>,
+}
+
+impl Batch {
+    fn measured(&self) -> Measured {
+        Measured::new(self.latencies.clone(), self.span_s)
+    }
 }
 
 /// What the bench reads of an outcome event: only `data`'s members it needs are kept (parsing
@@ -726,7 +736,7 @@ async fn handlers(
                 Duration::from_secs(300),
             )
             .await?
-            .measured;
+            .measured();
         slow_by_size.push((size, m));
     }
     let largest = *sizes.last().expect("sizes");
@@ -915,38 +925,62 @@ async fn raw_baseline(
 /// Raw JetStream, one message at a time: publish, a pull consumer receives it, ack. Latency
 /// from the broker's stored timestamp to receipt, and from the publish call to receipt (as for
 /// [`Bench::run_batch_with_dispatch`]).
-async fn raw_hop(js: &jetstream::Context, n: usize) -> anyhow::Result<[Measured; 2]> {
-    let consumer = fresh_stream(js, "BENCH_HOP")
-        .await?
-        .create_consumer(pull::Config {
-            durable_name: Some("bench-hop".into()),
-            ack_policy: AckPolicy::Explicit,
-            ..Default::default()
+struct HopProbe {
+    messages: pull::Stream,
+    /// Per message, ms: stored → received, published → received.
+    stored: Vec<f64>,
+    sent: Vec<f64>,
+    span_s: f64,
+}
+
+impl HopProbe {
+    async fn new(js: &jetstream::Context) -> anyhow::Result<Self> {
+        let consumer = fresh_stream(js, "BENCH_HOP")
+            .await?
+            .create_consumer(pull::Config {
+                durable_name: Some("bench-hop".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        Ok(Self {
+            messages: consumer.messages().await?,
+            stored: Vec::new(),
+            sent: Vec::new(),
+            span_s: 0.0,
         })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let started = Instant::now();
-    let mut latencies = Vec::with_capacity(n);
-    let mut from_sent = Vec::with_capacity(n);
-    for i in 0..n {
-        let sent = time::OffsetDateTime::now_utc();
-        let ack = js.publish(format!("bench_hop.{i}"), "x".into()).await?;
-        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .context("raw hop: no delivery within 10 s")?
-            .context("ended")??;
-        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        latencies.push(ms_since(info.published));
-        from_sent.push(ms_since(sent));
-        msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        ack.await?;
     }
-    js.delete_stream("BENCH_HOP").await?;
-    let span = started.elapsed().as_secs_f64();
-    Ok([
-        Measured::new(latencies, span),
-        Measured::new(from_sent, span),
-    ])
+
+    /// `n` more hops, one after another.
+    async fn run(&mut self, js: &jetstream::Context, n: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for _ in 0..n {
+            let i = self.stored.len();
+            let sent = time::OffsetDateTime::now_utc();
+            let ack = js.publish(format!("bench_hop.{i}"), "x".into()).await?;
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+                .await
+                .context("raw hop: no delivery within 10 s")?
+                .context("ended")??;
+            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.stored.push(ms_since(info.published));
+            self.sent.push(ms_since(sent));
+            msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            ack.await?;
+        }
+        self.span_s += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Stored → received and published → received; deletes the probe's stream.
+    async fn finish(self, js: &jetstream::Context) -> anyhow::Result<[Measured; 2]> {
+        drop(self.messages);
+        js.delete_stream("BENCH_HOP").await?;
+        Ok([
+            Measured::new(self.stored, self.span_s),
+            Measured::new(self.sent, self.span_s),
+        ])
+    }
 }
 
 /// One broker mode of [`throughput`].
@@ -1018,6 +1052,9 @@ fn throughput_json(events: usize, modes: &[ModeFigures]) -> Value {
 /// CPU as Grizzly itself.
 const NOOP_HANDLER: &str = "name: noop\non: [\"events.bench.*.noop\"]\nkind: process\ncommand: [\"perl\", \"-MTime::HiRes=time\", \"-ne\", '$|=1; /\"time\":\"([^\"]+)\"/; printf qq({\"done\":true,\"output\":{\"t\":%.6f,\"time\":\"%s\"}}\\n), time, $1']\nconcurrency: 256\npool: { min: 4, max: 8 }\n";
 
+/// Rounds the one-at-a-time latencies are measured in, raw hop and dispatch alternating.
+const LATENCY_ROUNDS: usize = 10;
+
 /// Full path vs raw JetStream on the same broker, for each mode in `modes` (`true` = fsync
 /// always).
 async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFigures>> {
@@ -1050,7 +1087,6 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         let broker_pid = bench.server.pid();
         let [(raw, cpu_raw), (relay, cpu_relay)] =
             raw_baseline(&bench.nats.js, events, broker_pid).await?;
-        let [hop, hop_sent] = raw_hop(&bench.nats.js, latency_events).await?;
         // Warm-up, the latencies one event at a time, then the measured burst.
         bench
             .run_batch(
@@ -1061,37 +1097,51 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 Duration::from_secs(120),
             )
             .await?;
-        let Batch {
-            measured: at_rest,
-            dispatch,
-            dispatch_sent,
-            stages: [routing, delivery],
-            ..
-        } = bench
-            .run_batch_with_dispatch(
-                "noop",
-                latency_events,
-                1,
-                |i| format!("events.bench.l{}.noop", i % 100),
-                Duration::ZERO,
-                Duration::from_secs(120),
-            )
-            .await?;
-        anyhow::ensure!(
-            dispatch.len() == latency_events,
-            "the no-op handler's receipt times are missing from its outcomes"
-        );
-        // Dispatches happened at the one-at-a-time run's rate.
+        // The raw hop and the dispatch in alternating rounds: this machine's speed drifts by a
+        // third within minutes (the same raw hop measured 0.166 and 0.217 ms in one run), and
+        // measured one after the other their ratio carried that drift.
+        let mut probe = HopProbe::new(&bench.nats.js).await?;
+        let (mut at_rest, mut dispatch, mut dispatch_sent) = (Vec::new(), Vec::new(), Vec::new());
+        let [mut routing, mut delivery] = [Vec::new(), Vec::new()];
+        let mut at_rest_s = 0.0;
+        let per_round = latency_events.div_ceil(LATENCY_ROUNDS);
+        for round in 0..LATENCY_ROUNDS {
+            let n = per_round.min(latency_events.saturating_sub(round * per_round));
+            if n == 0 {
+                break;
+            }
+            probe.run(&bench.nats.js, n).await?;
+            let batch = bench
+                .run_batch_with_dispatch(
+                    "noop",
+                    n,
+                    1,
+                    |i| format!("events.bench.l{}.noop", (round * per_round + i) % 100),
+                    Duration::ZERO,
+                    Duration::from_secs(120),
+                )
+                .await?;
+            anyhow::ensure!(
+                batch.dispatch.len() == n,
+                "the no-op handler's receipt times are missing from its outcomes"
+            );
+            at_rest_s += batch.span_s;
+            at_rest.extend(batch.latencies);
+            dispatch.extend(batch.dispatch);
+            dispatch_sent.extend(batch.dispatch_sent);
+            let [r, d] = batch.stages;
+            routing.extend(r);
+            delivery.extend(d);
+        }
+        let [hop, hop_sent] = probe.finish(&bench.nats.js).await?;
+        // Dispatches happened at the one-at-a-time runs' rate.
+        let at_rest = Measured::new(at_rest, at_rest_s);
         let span = latency_events as f64 / at_rest.events_per_s;
         let dispatch = Measured::new(dispatch, span);
         let dispatch_sent = Measured::new(dispatch_sent, span);
         let routing = Measured::new(routing, span);
         let delivery = Measured::new(delivery, span);
-        let Batch {
-            measured: full,
-            cpu: cpu_full,
-            ..
-        } = bench
+        let full = bench
             .run_batch_with_dispatch(
                 "noop",
                 events,
@@ -1101,6 +1151,7 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
                 Duration::from_secs(600),
             )
             .await?;
+        let (cpu_full, full) = (full.cpu, full.measured());
         bench.shutdown().await;
         let m = ModeFigures {
             sync_always,
@@ -1126,7 +1177,9 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
         ] {
             println!("{}   [{mode}]", f.row(name, 36));
         }
-        println!("  one event at a time ({latency_events} events):");
+        println!(
+            "  one event at a time ({latency_events} events, in {LATENCY_ROUNDS} rounds alternating with the raw hop):"
+        );
         for (name, f) in [
             ("raw hop (stored → consumer)", &m.hop),
             ("dispatch (stored → handler)", &m.dispatch),
