@@ -28,7 +28,6 @@ use grizzly_shared::Settings;
 use grizzly_shared::handler::load_handlers;
 use grizzly_shared::nats::{self, EVENTS_STREAM, Nats};
 use grizzly_shared::nats_server::{NatsServer, NatsServerOptions};
-use grizzly_shared::subject::pattern_matches;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -218,44 +217,38 @@ impl Bench {
         Ok(stream.get_info().await?.state.last_sequence + 1)
     }
 
-    /// A reader of the log's `subjects` from `start_seq` on (see [`Bench::read_log_from_next`]).
+    /// A reader of the log's `subjects` from `start_seq` on (see [`Bench::read_log_from_next`]),
+    /// in log order per subject.
     ///
-    /// Several subjects are filtered here, not by the broker: a consumer with several filters
+    /// One consumer per subject, each with that one filter: a consumer with several filters
     /// costs the broker a search of the block's subject index for every message it looks for
     /// (`firstMatchingMulti`), which grows with the subjects in the log — reading back 40,000
-    /// outcomes took the broker ≈ 8 s of CPU, and the one-at-a-time run paid it beside every
-    /// dispatch it measured.
+    /// outcomes took the broker ≈ 8 s of CPU — and one with none had every event the bench
+    /// published delivered back to it, a third delivery beside the listener's in the middle of
+    /// the dispatch being measured.
     async fn read_log_from(&self, start_seq: u64, subjects: &[&str]) -> anyhow::Result<LogReader> {
         let stream = self.nats.js.get_stream(EVENTS_STREAM).await?;
-        let filter = match subjects {
-            [one] => one.to_string(),
-            _ => String::new(),
-        };
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start_seq,
-                },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        let wanted: Vec<String> = subjects.iter().map(|s| s.to_string()).collect();
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        tokio::spawn(async move {
-            while let Some(msg) = messages.next().await {
-                if let Ok(m) = &msg
-                    && filter.is_empty()
-                    && !wanted.iter().any(|w| pattern_matches(w, &m.subject))
-                {
-                    continue;
+        for subject in subjects {
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: subject.to_string(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: start_seq,
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = consumer.messages().await?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = messages.next().await {
+                    if tx.unbounded_send(msg.map_err(anyhow::Error::from)).is_err() {
+                        break;
+                    }
                 }
-                if tx.unbounded_send(msg.map_err(anyhow::Error::from)).is_err() {
-                    break;
-                }
-            }
-        });
+            });
+        }
         Ok(rx)
     }
 
@@ -496,7 +489,7 @@ struct OutcomeData<'a> {
     scheduled_at: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Messages of a log reader, in order, as [`Bench::read_log_from_next`] drains them.
+/// Messages of a log reader, in order per subject, as [`Bench::read_log_from_next`] drains them.
 type LogReader = futures::channel::mpsc::UnboundedReceiver<anyhow::Result<jetstream::Message>>;
 
 #[derive(Debug, Clone, serde::Serialize)]
