@@ -73,7 +73,8 @@ pub enum WorkflowCommand {
     /// Rebuild the instances' checkpoints by replaying the log, where they are lost (a region
     /// promoted after a failover): publishes what the log lacks, writes the tasks of steps in
     /// flight again, and starts the coordinators after the log's last event. Coordinators
-    /// stopped.
+    /// stopped. Exits 1 having done nothing when it refuses, 3 when it restored all but the
+    /// instances it names as not restored.
     Restore,
     /// Run workflow test files (scripted handler outputs, no broker).
     Test { paths: Vec<PathBuf> },
@@ -432,8 +433,19 @@ async fn restore(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.partitions.saturating_sub(1),
         done.cursor
     );
-    Ok(ExitCode::SUCCESS)
+    if done.skipped.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Everything else is restored; a failover script must still see that these are not.
+    eprintln!(
+        "{} instance(s) not restored (above): their workflow version is neither in the workflows directory nor pinned; their later events are ignored",
+        done.skipped.len()
+    );
+    Ok(ExitCode::from(RESTORE_INCOMPLETE))
 }
+
+/// `grizzly workflow restore`'s exit status when it restored all but the instances it names.
+const RESTORE_INCOMPLETE: u8 = 3;
 
 async fn list(
     settings: &Settings,

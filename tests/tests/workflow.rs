@@ -1214,6 +1214,12 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
         "parent.yaml",
         "name: parent\ndo:\n  - id: sub\n    run: gate\n    with: { key: k2 }\n  - id: last\n    call: step\n",
     );
+    // Its file is gone by the failover, and its pinned text with the KV state.
+    write_workflow(
+        &env,
+        "gone.yaml",
+        "name: gone\ndo:\n  - id: nap\n    sleep: 1h\n",
+    );
     let restore = || {
         let mut cmd = env.grizzly();
         cmd.args(["workflow", "restore"])
@@ -1228,10 +1234,12 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     start(&env, "gate", "held", json!({"key": "k1"})).await?;
     start(&env, "nap", "napping", json!({})).await?;
     start(&env, "parent", "parent1", json!({})).await?;
+    start(&env, "gone", "orphan", json!({})).await?;
     wait_end(&mut w, "done").await?;
     w.wait_until(DEADLINE, |s| {
         started(s, "held", "hold")
             && started(s, "napping", "nap")
+            && started(s, "orphan", "nap")
             && s.iter().any(|e| {
                 e.event_type() == "step_started"
                     && step_key(e) == "hold"
@@ -1301,13 +1309,18 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
     }
     js.delete_stream("TASKS").await?;
     env.delete_workflow_state().await?;
+    std::fs::remove_file(env.settings.workflows_dir.join("gone.yaml"))?;
 
+    // Everything is restored but `orphan`, whose version nothing holds any more: named, and
+    // the exit status says so.
     let out = restore().output().await?;
-    assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
     assert!(
         said.contains("7 checkpoints written (6 unfinished)")
-            && said.contains("published 1 workflow event(s) the log lacked"),
+            && said.contains("published 1 workflow event(s) the log lacked")
+            && said.contains("not restored: orphan: unknown workflow `gone` version 1")
+            && said.contains("1 instance(s) not restored"),
         "{said}"
     );
     for (out, code, expected) in [
