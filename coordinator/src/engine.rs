@@ -835,68 +835,75 @@ pub(crate) async fn apply_routed(
     now_ms: u64,
 ) -> Applied {
     let catalog = shared.registry.catalog();
-    let (def, current) = match (current, routed) {
+    let (mut state, outbox) = match (current, routed) {
         // Started already (a replayed trigger beyond the dedup window).
         (Some(_), Routed::Start { .. }) | (None, Routed::Input(_)) => return Applied::Unchanged,
         (
             None,
             Routed::Start {
-                workflow, version, ..
+                workflow,
+                version,
+                input,
+                parent,
             },
-        ) => match shared.registry.for_start(workflow, *version).await {
-            Ok(def) => (def, None),
-            Err(e) => {
-                warn!(%instance, error = %e, "start refused");
-                let subject =
-                    EventSubject::new(AGGREGATE, instance, "start_rejected").expect("valid");
-                let mut rejected = event.caused(
-                    &subject,
-                    SOURCE,
-                    json!({"workflow": workflow, "error": e}),
-                    &[],
-                );
-                rejected.id = grizzly_shared::ids::derived_id(&[
-                    "workflow",
-                    instance,
-                    "start_rejected",
-                    &event.id,
-                ]);
-                return Applied::Rejected(Box::new(Effect::Event { event: rejected }));
-            }
-        },
-        (Some(c), Routed::Input(_)) => match shared.registry.get(&c.workflow, c.version).await {
-            Ok(def) => (def, Some(c)),
-            Err(e) => {
-                error!(%instance, error = %e, "no definition for instance; event skipped");
-                return Applied::Unchanged;
-            }
-        },
-    };
-    let ctx = Ctx {
-        def: &def.spec,
-        catalog: &catalog,
-        now_ms,
-        cause: event,
-    };
-    let mut state = match (current, routed) {
-        (None, Routed::Start { input, parent, .. }) => {
-            let (mut st, fx) = InstanceState::start(&ctx, instance, input.clone(), parent.clone());
-            st.outbox = fx;
-            st
+        ) => {
+            let def = match shared.registry.for_start(workflow, *version).await {
+                Ok(def) => def,
+                Err(e) => {
+                    warn!(%instance, error = %e, "start refused");
+                    return Applied::Rejected(Box::new(start_rejected(
+                        instance, workflow, &e, event,
+                    )));
+                }
+            };
+            let ctx = Ctx {
+                def: &def.spec,
+                catalog: &catalog,
+                now_ms,
+                cause: event,
+            };
+            InstanceState::start(&ctx, instance, input.clone(), parent.clone())
         }
         (Some(c), Routed::Input(input)) => {
+            let def = match shared.registry.get(&c.workflow, c.version).await {
+                Ok(def) => def,
+                Err(e) => {
+                    error!(%instance, error = %e, "no definition for instance; event skipped");
+                    return Applied::Unchanged;
+                }
+            };
+            let ctx = Ctx {
+                def: &def.spec,
+                catalog: &catalog,
+                now_ms,
+                cause: event,
+            };
             let mut st = c.clone();
             let fx = st.apply(&ctx, input.clone());
             if fx.is_empty() && st == *c {
                 return Applied::Unchanged;
             }
-            st.outbox = fx;
-            st
+            (st, fx)
         }
-        _ => unreachable!("the other pairs returned above"),
     };
+    state.outbox = outbox;
     state.last_seq = seq;
     Applied::Changed(Box::new(state))
+}
+
+/// The `start_rejected` event of a start the registry refused (its id derived from the
+/// instance and the trigger, so a replay writes the same one).
+fn start_rejected(instance: &str, workflow: &str, error: &str, event: &EventEnvelope) -> Effect {
+    let subject = EventSubject::new(AGGREGATE, instance, "start_rejected").expect("valid");
+    let mut rejected = event.caused(
+        &subject,
+        SOURCE,
+        json!({"workflow": workflow, "error": error}),
+        &[],
+    );
+    rejected.id =
+        grizzly_shared::ids::derived_id(&["workflow", instance, "start_rejected", &event.id]);
+    Effect::Event { event: rejected }
 }
 
 /// Writes an instance's checkpoint (compare-and-set on `revision`; `None` creates it), then
