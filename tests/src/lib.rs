@@ -287,16 +287,19 @@ impl TestEnv {
         Ok(())
     }
 
+    /// `grizzly workflow restore` for this deployment (its partition count).
+    pub fn restore_command(&self) -> tokio::process::Command {
+        let mut cmd = self.grizzly();
+        cmd.args(["workflow", "restore"])
+            .env("GRIZZLY_PARTITIONS", self.settings.partitions.to_string());
+        cmd
+    }
+
     /// `grizzly workflow restore` after [`Self::delete_workflow_state`]: whether it succeeded,
     /// and what it said.
     pub async fn restore_workflows(&self) -> anyhow::Result<(bool, String)> {
         self.delete_workflow_state().await?;
-        let out = self
-            .grizzly()
-            .args(["workflow", "restore"])
-            .env("GRIZZLY_PARTITIONS", self.settings.partitions.to_string())
-            .output()
-            .await?;
+        let out = self.restore_command().output().await?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned()

@@ -1221,10 +1221,8 @@ async fn restore_rebuilds_lost_checkpoints_from_the_log_and_running_instances_fi
         "name: gone\ndo:\n  - id: nap\n    sleep: 1h\n",
     );
     let restore = || {
-        let mut cmd = env.grizzly();
-        cmd.args(["workflow", "restore"])
-            .env("GRIZZLY_PARTITIONS", env.settings.partitions.to_string())
-            .env("GRIZZLY_STREAMS__DUPLICATE_WINDOW", "1s");
+        let mut cmd = env.restore_command();
+        cmd.env("GRIZZLY_STREAMS__DUPLICATE_WINDOW", "1s");
         cmd
     };
     let worker = env.start_worker().await?;
