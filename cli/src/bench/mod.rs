@@ -1127,13 +1127,12 @@ async fn throughput(events: usize, modes: &[bool]) -> anyhow::Result<Vec<ModeFig
             delivery.extend(d);
         }
         let [hop, hop_sent] = probe.finish(&bench.nats.js).await?;
-        // Dispatches happened at the one-at-a-time runs' rate.
+        // Dispatches happened over the one-at-a-time runs' time.
         let at_rest = Measured::new(at_rest, at_rest_s);
-        let span = latency_events as f64 / at_rest.events_per_s;
-        let dispatch = Measured::new(dispatch, span);
-        let dispatch_sent = Measured::new(dispatch_sent, span);
-        let routing = Measured::new(routing, span);
-        let delivery = Measured::new(delivery, span);
+        let dispatch = Measured::new(dispatch, at_rest_s);
+        let dispatch_sent = Measured::new(dispatch_sent, at_rest_s);
+        let routing = Measured::new(routing, at_rest_s);
+        let delivery = Measured::new(delivery, at_rest_s);
         let full = bench
             .run_batch_with_dispatch(
                 "noop",
